@@ -1,0 +1,121 @@
+"""Wiring: builds the services over one database and the MCP server on top of them."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from server.core.agents import AgentService
+from server.core.changes import ChangeBus
+from server.core.environments import EnvironmentService
+from server.core.instances import InstanceRegistry
+from server.core.sessions import SessionService, SessionStore
+from server.core.store import Database
+from server.settings import Settings
+
+if TYPE_CHECKING:
+    from mcp.server.mcpserver import MCPServer
+
+    from sandbox.base import SandboxBackend
+    from server.runner.model import ModelClient
+    from server.runner.supervisor import Supervisor
+
+logger = logging.getLogger(__name__)
+
+INSTRUCTIONS = """\
+This server runs sub-agents ("sessions") in isolated Docker sandboxes, like Claude Managed Agents.
+Delegation pattern: create_agent (once) and create_environment (once) -> start_session ->
+send_event with a user.message -> wait_for_session (returns within its timeout; call it again
+with `after` = the returned next_after until `done` is true) -> read_file for results.
+Every call returns quickly; long work continues in the background between calls. Send a
+user.interrupt event to stop a running session."""
+
+
+@dataclass(frozen=True, slots=True)
+class Services:
+    """Everything a tool or route needs; one instance per server process."""
+
+    settings: Settings
+    db: Database
+    agents: AgentService
+    environments: EnvironmentService
+    sessions: SessionService
+    store: SessionStore
+    supervisor: Supervisor
+
+
+@contextlib.asynccontextmanager
+async def open_services(
+    settings: Settings,
+    *,
+    backend: SandboxBackend | None = None,
+    model: ModelClient | None = None,
+) -> AsyncIterator[Services]:
+    """Open the database, start the supervisor; on exit stop turns and close everything."""
+    from server.runner.supervisor import Supervisor
+
+    if backend is None:
+        from sandbox.docker import DockerBackend
+
+        backend = DockerBackend(settings.docker_host)
+    if model is None:
+        from server.runner.model import AnthropicModelClient
+
+        model = AnthropicModelClient(
+            api_key=settings.anthropic_api_key, base_url=settings.anthropic_base_url
+        )
+    settings.home.mkdir(parents=True, exist_ok=True)
+    db = await Database.open(settings.database_path)
+    instances = InstanceRegistry(settings.home / "instances")
+    try:
+        bus = ChangeBus()
+        store = SessionStore(db, bus)
+        agents = AgentService(db)
+        environments = EnvironmentService(db)
+        supervisor = Supervisor(store, instances, backend, model, settings)
+        sessions = SessionService(store, agents, environments, instances, supervisor)
+        async with supervisor:
+            yield Services(settings, db, agents, environments, sessions, store, supervisor)
+    finally:
+        instances.close()
+        await model.aclose()
+        await backend.aclose()
+        await db.aclose()
+
+
+def build_server(
+    settings: Settings,
+    *,
+    backend: SandboxBackend | None = None,
+    model: ModelClient | None = None,
+) -> MCPServer:
+    """The MCP server with every tool registered; its lifespan opens the services."""
+    from mcp.server.mcpserver import MCPServer
+
+    from server.tools import register_tools
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: MCPServer) -> AsyncIterator[Services]:
+        async with open_services(settings, backend=backend, model=model) as services:
+            yield services
+
+    server = MCPServer(
+        "managed-agents",
+        version=_version(),
+        instructions=INSTRUCTIONS,
+        lifespan=lifespan,
+    )
+    register_tools(server)
+    return server
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("managed-agents-mcp")
+    except PackageNotFoundError:
+        return "0.0.0"

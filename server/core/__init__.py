@@ -1,0 +1,1 @@
+"""The domain: agents, environments, sessions, events. Imports neither mcp, docker nor anthropic."""

@@ -1,0 +1,89 @@
+"""Wake-ups for code waiting on a session: local writes at once, other processes' by polling."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+import anyio
+import anyio.abc
+
+from .store import Database
+
+logger = logging.getLogger(__name__)
+
+
+class ChangeBus:
+    """Per-session `anyio.Event`s that fire when the session's log or state changes.
+
+    Waiters take a token first, then read the store, then wait on the token, so a change that
+    lands between the read and the wait is never missed.
+    """
+
+    def __init__(self) -> None:
+        self._events: dict[str, anyio.Event] = {}
+        self._last_seq = 0
+
+    def token(self, session_id: str) -> anyio.Event:
+        event = self._events.get(session_id)
+        if event is None:
+            event = self._events[session_id] = anyio.Event()
+        return event
+
+    def notify(self, session_id: str) -> None:
+        event = self._events.pop(session_id, None)
+        if event is not None:
+            event.set()
+
+    def notify_all(self) -> None:
+        events, self._events = self._events, {}
+        for event in events.values():
+            event.set()
+
+    async def watch(
+        self,
+        db: Database,
+        on_change: Callable[[set[str]], Awaitable[None]],
+        *,
+        interval: float = 0.1,
+        task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Poll for commits made by other processes and wake the sessions they touched.
+
+        Runs until cancelled (reports started once it has its baseline). `on_change` gets the
+        ids of sessions with new events.
+        """
+        self._last_seq = await db.read(
+            lambda c: int(c.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0])
+        )
+        version = await db.data_version()
+        task_status.started()
+        while True:
+            await anyio.sleep(interval)
+            current = await db.data_version()
+            if current == version:
+                continue
+            version = current
+            last = self._last_seq
+
+            def changed(conn: object, last: int = last) -> tuple[int, set[str]]:
+                import sqlite3
+
+                assert isinstance(conn, sqlite3.Connection)
+                rows = conn.execute(
+                    "SELECT seq, session_id FROM events WHERE seq > ? ORDER BY seq", (last,)
+                ).fetchall()
+                top = max((int(r[0]) for r in rows), default=last)
+                return top, {str(r[1]) for r in rows}
+
+            self._last_seq, sessions = await db.read(changed)
+            for session_id in sessions:
+                self.notify(session_id)
+            # Status-only changes (another process claimed or recovered a session) carry no
+            # event, so everyone re-checks.
+            self.notify_all()
+            if sessions:
+                try:
+                    await on_change(sessions)
+                except Exception:
+                    logger.exception("handling changes from another process failed")

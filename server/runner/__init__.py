@@ -1,0 +1,1 @@
+"""The agent loop: model calls, tool execution in sandboxes, session workers."""

@@ -1,0 +1,13 @@
+"""The MCP tools: thin argument parsing over one service call each."""
+
+from __future__ import annotations
+
+from mcp.server.mcpserver import MCPServer
+
+from . import agents, environments, sessions
+
+
+def register_tools(mcp: MCPServer) -> None:
+    """Register every tool on `mcp`."""
+    for module in (agents, environments, sessions):
+        module.register(mcp)

@@ -1,0 +1,184 @@
+"""Shared fixtures: a real Docker daemon (or a skip/fail), the fake Messages API, MCP clients."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mcp import Client
+
+from sandbox.docker import DockerBackend
+from sandbox.images import DEFAULT_IMAGE
+from server.app import Services, build_server, open_services
+from server.runner.model import AnthropicModelClient
+from server.settings import Settings
+from tests.fakes.messages_api import FakeMessagesAPI
+
+REQUIRE_DOCKER = os.environ.get("REQUIRE_DOCKER") == "1"
+IMAGE = os.environ.get("MANAGED_AGENTS_IMAGE") or DEFAULT_IMAGE
+
+
+def _docker_problem() -> str | None:
+    """Why Docker tests cannot run here, or None when they can."""
+    try:
+        import docker
+        import docker.errors
+
+        client = docker.from_env(timeout=10)
+    except Exception as exc:
+        return f"no Docker daemon answers ({type(exc).__name__}: {exc}); set DOCKER_HOST"
+    try:
+        client.ping()
+        client.images.get(IMAGE)
+    except docker.errors.ImageNotFound:
+        return f"image {IMAGE} is missing; run `managed-agents-mcp image build --offline`"
+    except Exception as exc:
+        return f"no Docker daemon answers ({type(exc).__name__}); set DOCKER_HOST"
+    finally:
+        client.close()
+    return None
+
+
+@pytest.fixture(scope="session")
+def docker_ready() -> None:
+    problem = _docker_problem()
+    if problem is None:
+        return
+    if REQUIRE_DOCKER:
+        pytest.fail(f"REQUIRE_DOCKER=1 but {problem}")
+    pytest.skip(problem)
+
+
+@pytest.fixture(autouse=True)
+def _docker_gate(request: pytest.FixtureRequest) -> None:
+    """Tests marked `docker` skip without a daemon, or fail under REQUIRE_DOCKER=1."""
+    if request.node.get_closest_marker("docker") is not None:
+        request.getfixturevalue("docker_ready")
+
+
+def home_label(home: Path) -> str:
+    return hashlib.sha256(str(home.resolve()).encode()).hexdigest()[:16]
+
+
+def remove_labelled(home: Path) -> None:
+    """Remove every container and volume the server made for `home` (test teardown)."""
+    import docker
+    import docker.errors
+
+    client = docker.from_env()
+    try:
+        label = f"managed-agents-mcp.home={home_label(home)}"
+        for container in client.containers.list(all=True, filters={"label": label}):
+            with contextlib.suppress(docker.errors.NotFound):
+                container.remove(force=True)
+        for volume in client.volumes.list(filters={"label": label}):
+            with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
+                volume.remove(force=True)
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def home(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Path]:
+    """A fresh data dir; containers made for it are removed afterwards."""
+    path = tmp_path / "home"
+    path.mkdir()
+    yield path
+    if request.node.get_closest_marker("docker") is not None:
+        remove_labelled(path)
+
+
+@pytest.fixture
+def fake_api() -> Iterator[FakeMessagesAPI]:
+    with FakeMessagesAPI() as fake:
+        yield fake
+
+
+@pytest.fixture
+def settings(home: Path) -> Settings:
+    return Settings(home=home, image=IMAGE, retry_delay=0.01, poll_interval=0.05)
+
+
+def model_for(fake: FakeMessagesAPI) -> AnthropicModelClient:
+    return AnthropicModelClient(api_key="test-key", base_url=fake.url)
+
+
+# pytest-asyncio sets async fixtures up and tears them down in different tasks, which anyio task
+# groups (the server's lifespan) do not allow; so fixtures hand out async context managers and
+# each test holds them with `async with` in its own task.
+OpenServices = Callable[..., contextlib.AbstractAsyncContextManager[Services]]
+OpenMCP = Callable[..., contextlib.AbstractAsyncContextManager["ToolCaller"]]
+
+
+@pytest.fixture
+def open_services_for(settings: Settings, fake_api: FakeMessagesAPI) -> OpenServices:
+    """`async with open_services_for() as services:` over real Docker and the fake API."""
+
+    def opener(**overrides: Any) -> contextlib.AbstractAsyncContextManager[Services]:
+        return open_services(
+            replace(settings, **overrides) if overrides else settings,
+            backend=DockerBackend(),
+            model=model_for(fake_api),
+        )
+
+    return opener
+
+
+class ToolCaller:
+    """Calls MCP tools and returns structured results, failing loudly on tool errors."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+
+    async def __call__(self, name: str, args: dict[str, Any] | None = None) -> Any:
+        result = await self.client.call_tool(name, args or {})
+        assert not result.is_error, f"{name} failed: {result.content}"
+        return result.structured_content
+
+    async def error(self, name: str, args: dict[str, Any] | None = None) -> str:
+        """Call a tool that must fail; return its error text."""
+        result = await self.client.call_tool(name, args or {})
+        assert result.is_error, f"{name} unexpectedly succeeded: {result.structured_content}"
+        text = result.content[0]
+        assert text.type == "text"
+        return text.text
+
+
+@pytest.fixture
+def open_mcp(settings: Settings, fake_api: FakeMessagesAPI) -> OpenMCP:
+    """`async with open_mcp() as mcp:` gives an in-process MCP client on a server backed by
+    real Docker and the fake model API."""
+
+    @contextlib.asynccontextmanager
+    async def opener(**overrides: Any) -> AsyncIterator[ToolCaller]:
+        server = build_server(
+            replace(settings, **overrides) if overrides else settings,
+            backend=DockerBackend(),
+            model=model_for(fake_api),
+        )
+        async with Client(server) as client:
+            yield ToolCaller(client)
+
+    return opener
+
+
+@pytest.fixture
+def new_agent() -> Callable[..., dict[str, Any]]:
+    """Arguments for create_agent with the built-in toolset."""
+
+    def make(**overrides: Any) -> dict[str, Any]:
+        args: dict[str, Any] = {
+            "name": "worker",
+            "model": "claude-sonnet-4-6",
+            "tools": [{"type": "agent_toolset_20260401"}],
+        }
+        args.update(overrides)
+        return args
+
+    return make
