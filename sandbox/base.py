@@ -121,8 +121,14 @@ class Sandbox(Protocol):
         user: str | None = None,
         stdin: bytes | None = None,
         timeout: float = 60.0,
+        max_output: int = 64 << 20,
     ) -> ExecResult:
-        """Run a one-shot command outside the persistent shell."""
+        """Run a one-shot command outside the persistent shell.
+
+        Raises:
+            SandboxExecError: it did not finish within `timeout`, or wrote more than
+                `max_output` bytes.
+        """
         ...
 
     async def read_file(self, path: str, *, max_bytes: int, roots: Sequence[str] = ()) -> bytes:

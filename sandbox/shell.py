@@ -8,6 +8,7 @@ carries the exit status and working directory back.
 from __future__ import annotations
 
 import base64
+import logging
 import re
 import secrets
 from collections.abc import Awaitable, Callable
@@ -16,7 +17,9 @@ from typing import Protocol
 import anyio
 
 from .base import ShellResult
-from .errors import SandboxExecError
+from .errors import SandboxError, SandboxExecError
+
+logger = logging.getLogger(__name__)
 
 _ANSI = re.compile(rb"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[()][0-9A-Za-z]|\x1b[=>]")
 
@@ -182,10 +185,15 @@ class PersistentShell:
 
     async def _kill_and_close(self) -> None:
         pid = self._pid
-        if pid is not None:
-            with anyio.CancelScope(shield=True), anyio.move_on_after(10):
-                await self._kill_tree(pid)
-        await self._close_channel()
+        try:
+            if pid is not None:
+                with anyio.CancelScope(shield=True), anyio.move_on_after(10):
+                    await self._kill_tree(pid)
+        except SandboxError as exc:
+            # The sandbox may be gone already; the channel must be closed all the same.
+            logger.debug("could not kill the shell's processes: %s", exc)
+        finally:
+            await self._close_channel()
 
     async def run(self, command: str, *, timeout: float, output_limit: int) -> ShellResult:
         """Run one command; see `Sandbox.run_shell`."""

@@ -11,8 +11,11 @@ from typing import TYPE_CHECKING
 from server.core.agents import AgentService
 from server.core.changes import ChangeBus
 from server.core.environments import EnvironmentService
+from server.core.files import BlobStore, FileService
 from server.core.instances import InstanceRegistry
-from server.core.sessions import SessionService, SessionStore
+from server.core.resources import ResourceService
+from server.core.session_store import SessionStore
+from server.core.sessions import SessionService
 from server.core.store import Database
 from server.settings import Settings
 
@@ -43,6 +46,8 @@ class Services:
     agents: AgentService
     environments: EnvironmentService
     sessions: SessionService
+    resources: ResourceService
+    files: FileService
     store: SessionStore
     supervisor: Supervisor
 
@@ -75,10 +80,16 @@ async def open_services(
         store = SessionStore(db, bus)
         agents = AgentService(db)
         environments = EnvironmentService(db)
-        supervisor = Supervisor(store, instances, backend, model, settings)
-        sessions = SessionService(store, agents, environments, instances, supervisor)
+        files = FileService(
+            db, BlobStore(settings.home / "blobs"), max_upload_bytes=settings.max_upload_bytes
+        )
+        supervisor = Supervisor(store, instances, backend, model, settings, files)
+        resources = ResourceService(store, files, supervisor)
+        sessions = SessionService(store, agents, environments, instances, supervisor, resources)
         async with supervisor:
-            yield Services(settings, db, agents, environments, sessions, store, supervisor)
+            yield Services(
+                settings, db, agents, environments, sessions, resources, files, store, supervisor
+            )
     finally:
         instances.close()
         await model.aclose()

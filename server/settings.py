@@ -11,6 +11,7 @@
 | `MANAGED_AGENTS_RETRY_DELAY` | 1.0 | first retry delay in seconds (doubles each time) |
 | `MANAGED_AGENTS_MAX_MODEL_REQUESTS` | 200 | model requests per turn before the turn is stopped |
 | `MANAGED_AGENTS_MEMORY_MB`, `_CPUS`, `_PIDS` | 2048, 2, 512 | default container limits |
+| `MANAGED_AGENTS_MAX_UPLOAD_MB` | 500 | largest file `upload_file` accepts |
 
 Empty values count as unset (MCPB hosts substitute empty strings for blank optional fields).
 """
@@ -65,6 +66,7 @@ class Settings:
     retry_delay: float = 1.0
     max_model_requests: int = 200
     max_tool_timeout: float = 600.0
+    max_upload_bytes: int = 500 << 20
     limits: Limits = field(default_factory=lambda: Limits(memory_bytes=2048 << 20, pids=512))
     poll_interval: float = 0.1
     """How often other processes' writes to the shared database are looked for."""
@@ -88,6 +90,7 @@ class Settings:
             model_retries=int(_number(env, "MANAGED_AGENTS_MODEL_RETRIES", 4)),
             retry_delay=_number(env, "MANAGED_AGENTS_RETRY_DELAY", 1.0),
             max_model_requests=int(_number(env, "MANAGED_AGENTS_MAX_MODEL_REQUESTS", 200)),
+            max_upload_bytes=int(_number(env, "MANAGED_AGENTS_MAX_UPLOAD_MB", 500) * (1 << 20)),
             limits=limits,
         )
         return replace(settings, **overrides) if overrides else settings  # type: ignore[arg-type]

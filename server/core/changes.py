@@ -23,6 +23,18 @@ class ChangeBus:
     def __init__(self) -> None:
         self._events: dict[str, anyio.Event] = {}
         self._last_seq = 0
+        self._deleted: dict[str, dict[str, object]] = {}
+
+    def mark_deleted(self, session_id: str, event: dict[str, object]) -> None:
+        """Remember a deleted session's final `session.deleted` event and wake its followers."""
+        if len(self._deleted) >= 1024:
+            self._deleted.pop(next(iter(self._deleted)))
+        self._deleted[session_id] = event
+        self.notify(session_id)
+
+    def deleted_event(self, session_id: str) -> dict[str, object] | None:
+        """The `session.deleted` event of a session deleted by this process, if any."""
+        return self._deleted.get(session_id)
 
     def token(self, session_id: str) -> anyio.Event:
         event = self._events.get(session_id)

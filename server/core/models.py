@@ -510,11 +510,19 @@ class SessionCreateParams(_Params):
         return self
 
 
+class SessionAgentUpdate(_Params):
+    """Session-local replacement of the agent's tools (applies from the next turn)."""
+
+    tools: list[ToolParam] | None = None
+    mcp_servers: Annotated[list[McpServerParam], Field(max_length=MAX_MCP_SERVERS)] | None = None
+
+
 class SessionUpdateParams(_Params):
     """Changes to a session: title, metadata (per-key patch) and, while idle, its tools."""
 
     title: Annotated[str, Field(max_length=512)] | None = None
     metadata: dict[str, str | None] | None = None
+    agent: SessionAgentUpdate | None = None
 
     @model_validator(mode="after")
     def _rules(self) -> SessionUpdateParams:

@@ -1,18 +1,19 @@
-"""Sessions and their event log: persistence (`SessionStore`) and `SessionService`."""
+"""Sessions: lifecycle (create, update, archive, delete) and their events (send, list, wait)."""
 
 from __future__ import annotations
 
 import json
 import logging
 import sqlite3
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import anyio
 
+from .actions import outstanding_actions
 from .agents import AgentService, normalize_model, normalize_tools
-from .changes import ChangeBus
 from .clock import now
 from .environments import EnvironmentService
 from .errors import ConflictError, InvalidRequestError, NotFoundError
@@ -21,13 +22,22 @@ from .instances import InstanceRegistry
 from .models import (
     AgentRef,
     AgentWithOverrides,
+    McpServerParam,
     SessionCreateParams,
     SessionUpdateParams,
     UserEvent,
+    check_agent_shape,
 )
 from .paths import READABLE_ROOTS, container_path
+from .resources import ResourceService
+from .session_store import (
+    ZERO_USAGE,
+    SessionRecord,
+    SessionStore,
+    decode_session,
+    session_not_found,
+)
 from .store import (
-    Database,
     Json,
     Order,
     Page,
@@ -41,14 +51,8 @@ from .store import (
 
 logger = logging.getLogger(__name__)
 
-IDLE_STATUSES = frozenset({"idle", "terminated"})
-ZERO_USAGE: Json = {
-    "input_tokens": 0,
-    "output_tokens": 0,
-    "cache_read_input_tokens": 0,
-    "cache_creation": {"ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": 0},
-    "server_tool_use": {"web_search_requests": 0, "web_fetch_requests": 0},
-}
+WAITING_STATUSES = frozenset({"idle", "terminated"})
+BUSY_STATUSES = frozenset({"running", "rescheduling"})
 
 
 class SessionRuntime(Protocol):
@@ -64,6 +68,10 @@ class SessionRuntime(Protocol):
 
     async def destroy(self, session_id: str, sandbox_id: str | None) -> None:
         """Remove the session's sandbox and workspace (idempotent)."""
+        ...
+
+    async def stop(self, session_id: str, sandbox_id: str | None) -> None:
+        """Stop the session's sandbox, keeping its workspace (idempotent)."""
         ...
 
     def wake(self, session_id: str) -> None:
@@ -82,184 +90,13 @@ class SessionRuntime(Protocol):
         """
         ...
 
+    async def mount_files(self, session_id: str, mounts: Sequence[tuple[str, Path]]) -> None:
+        """Copy host files (blob paths) read-only into the container at the given paths."""
+        ...
 
-@dataclass(frozen=True, slots=True)
-class SessionRecord:
-    """A session row: the API object plus the bookkeeping columns."""
-
-    session: Json
-    owner: str | None
-    sandbox_id: str | None
-
-
-def _decode_session(row: sqlite3.Row) -> Json:
-    body: Json = json.loads(row["body"])
-    body["status"] = row["status"]
-    body["archived_at"] = row["archived_at"]
-    return body
-
-
-def _missing(session_id: str) -> NotFoundError:
-    msg = f"session {session_id} not found; call list_sessions to see existing sessions"
-    return NotFoundError(msg)
-
-
-class SessionStore:
-    """All SQL about sessions and events. Every method is one transaction."""
-
-    def __init__(self, db: Database, bus: ChangeBus) -> None:
-        self.db = db
-        self.bus = bus
-
-    async def get(self, session_id: str) -> SessionRecord | None:
-        row = await self.db.read(
-            lambda c: c.execute("SELECT * FROM sessions WHERE id = ?", (session_id,)).fetchone()
-        )
-        if row is None:
-            return None
-        return SessionRecord(_decode_session(row), row["owner"], row["sandbox_id"])
-
-    async def require(self, session_id: str) -> SessionRecord:
-        record = await self.get(session_id)
-        if record is None:
-            raise _missing(session_id)
-        return record
-
-    async def append(
-        self,
-        session_id: str,
-        events: Sequence[Json],
-        *,
-        status: str | None = None,
-        usage: Json | None = None,
-        processed: Iterable[str] = (),
-        check: Callable[[sqlite3.Connection, Json], None] | None = None,
-        queued: bool = False,
-    ) -> list[Json]:
-        """Append events atomically, optionally changing status, usage and `processed_at` marks.
-
-        `usage` is added to the session's running totals. `processed` names queued client
-        events to mark processed now. `check(conn, session)` may raise to abort the whole
-        write. `queued=True` stores the events with `processed_at` null (client events).
-        """
-        stamp = now()
-
-        def write(conn: sqlite3.Connection) -> list[Json]:
-            row = conn.execute("SELECT * FROM sessions WHERE id = ?", (session_id,)).fetchone()
-            if row is None:
-                raise _missing(session_id)
-            session = _decode_session(row)
-            if check is not None:
-                check(conn, session)
-            stored = insert_events(conn, session_id, events, processed=not queued)
-            for event_id in processed:
-                conn.execute(
-                    "UPDATE events SET processed_at = ? WHERE id = ? AND processed_at IS NULL",
-                    (stamp, event_id),
-                )
-            changed = False
-            if status is not None and status != session["status"]:
-                session["status"] = status
-                changed = True
-            if usage:
-                session["usage"] = add_usage(session.get("usage") or ZERO_USAGE, usage)
-                changed = True
-            if changed:
-                session["updated_at"] = stamp
-                conn.execute(
-                    "UPDATE sessions SET status = ?, body = ? WHERE id = ?",
-                    (session["status"], dumps(session), session_id),
-                )
-            return stored
-
-        stored = await self.db.write(write)
-        self.bus.notify(session_id)
-        return stored
-
-    async def events(self, session_id: str, *, after_position: int = 0) -> list[Json]:
-        """Every event after `after_position`, in log order."""
-        rows = await self.db.read(
-            lambda c: c.execute(
-                "SELECT processed_at, body FROM events WHERE session_id = ? AND position > ? "
-                "ORDER BY position",
-                (session_id, after_position),
-            ).fetchall()
-        )
-        return [event_from_row(r) for r in rows]
-
-    async def pending(self, session_id: str) -> list[Json]:
-        """Client events not yet processed, in the order they were sent."""
-        rows = await self.db.read(
-            lambda c: c.execute(
-                "SELECT processed_at, body FROM events WHERE session_id = ? "
-                "AND processed_at IS NULL ORDER BY seq",
-                (session_id,),
-            ).fetchall()
-        )
-        return [event_from_row(r) for r in rows]
-
-    async def mark_processed(self, session_id: str, event_ids: Sequence[str]) -> None:
-        if not event_ids:
-            return
-        stamp = now()
-
-        def write(conn: sqlite3.Connection) -> None:
-            conn.executemany(
-                "UPDATE events SET processed_at = ? WHERE id = ? AND processed_at IS NULL",
-                [(stamp, e) for e in event_ids],
-            )
-
-        await self.db.write(write)
-        self.bus.notify(session_id)
-
-    async def set_columns(self, session_id: str, **columns: Any) -> None:
-        """Update bookkeeping columns (`owner`, `sandbox_id`)."""
-        allowed = {"owner", "sandbox_id"}
-        if not columns or set(columns) - allowed:
-            msg = f"set_columns takes only {sorted(allowed)}"
-            raise ValueError(msg)
-        assignments = ", ".join(f"{k} = ?" for k in columns)
-        await self.db.write(
-            lambda c: c.execute(
-                f"UPDATE sessions SET {assignments} WHERE id = ?",
-                (*columns.values(), session_id),
-            )
-        )
-
-    async def claim(self, session_id: str, instance: str, previous: str | None) -> bool:
-        """Take ownership if nobody else did meanwhile (compare-and-set on `owner`)."""
-        return await self.db.write(
-            lambda c: (
-                c.execute(
-                    "UPDATE sessions SET owner = ? WHERE id = ? AND owner IS ?",
-                    (instance, session_id, previous),
-                ).rowcount
-                == 1
-            )
-        )
-
-    async def all_sessions(self) -> list[SessionRecord]:
-        rows = await self.db.read(lambda c: c.execute("SELECT * FROM sessions").fetchall())
-        return [SessionRecord(_decode_session(r), r["owner"], r["sandbox_id"]) for r in rows]
-
-    async def session_ids_with_pending(self) -> list[str]:
-        rows = await self.db.read(
-            lambda c: c.execute(
-                "SELECT DISTINCT session_id FROM events WHERE processed_at IS NULL"
-            ).fetchall()
-        )
-        return [str(r[0]) for r in rows]
-
-
-def add_usage(total: Json, delta: Json) -> Json:
-    """Add token counts (nested dicts add per key)."""
-    result = json.loads(json.dumps(total))
-    for key, value in delta.items():
-        if isinstance(value, dict):
-            result[key] = add_usage(result.get(key) or {}, value)
-        elif isinstance(value, int | float) and not isinstance(value, bool):
-            result[key] = (result.get(key) or 0) + value
-    return result
+    async def unmount_file(self, session_id: str, path: str) -> None:
+        """Remove a mounted file from the container."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,7 +108,47 @@ class WaitResult:
     next_after: str | None
     """The id of the last event returned (pass it as `after` next time)."""
     done: bool
-    """True when the session is waiting for input (idle or terminated) with nothing queued."""
+    """True when the session waits for input (idle or terminated) with nothing queued."""
+
+
+def _check_client_event(conn: sqlite3.Connection, session_id: str, payloads: list[Json]) -> None:
+    """Send-time rules that need the log: answers must match open tool uses; files must exist."""
+    rows = conn.execute(
+        "SELECT processed_at, body FROM events WHERE session_id = ? ORDER BY position",
+        (session_id,),
+    ).fetchall()
+    open_ids = {e["id"]: e for e in outstanding_actions(event_from_row(r) for r in rows)}
+    for payload in payloads:
+        kind = payload["type"]
+        if kind == "user.tool_confirmation":
+            target = open_ids.pop(payload["tool_use_id"], None)
+            if target is None or target["type"] != "agent.tool_use":
+                waiting = [i for i, e in open_ids.items() if e["type"] == "agent.tool_use"]
+                msg = (
+                    f"tool_use_id {payload['tool_use_id']} is not a tool call waiting for "
+                    f"confirmation in session {session_id}; waiting: {waiting or 'none'}"
+                )
+                raise InvalidRequestError(msg)
+        elif kind == "user.custom_tool_result":
+            target = open_ids.pop(payload["custom_tool_use_id"], None)
+            if target is None or target["type"] != "agent.custom_tool_use":
+                waiting = [i for i, e in open_ids.items() if e["type"] == "agent.custom_tool_use"]
+                msg = (
+                    f"custom_tool_use_id {payload['custom_tool_use_id']} is not a custom tool "
+                    f"call waiting for a result in session {session_id}; waiting: "
+                    f"{waiting or 'none'}"
+                )
+                raise InvalidRequestError(msg)
+        for block in payload.get("content") or []:
+            source = block.get("source") or {}
+            if (
+                source.get("type") == "file"
+                and not conn.execute(
+                    "SELECT 1 FROM files WHERE id = ?", (source.get("file_id"),)
+                ).fetchone()
+            ):
+                msg = f"{block['type']} block refers to unknown file {source.get('file_id')}"
+                raise InvalidRequestError(msg)
 
 
 class SessionService:
@@ -284,6 +161,7 @@ class SessionService:
         environments: EnvironmentService,
         instances: InstanceRegistry,
         runtime: SessionRuntime,
+        resources: ResourceService,
     ) -> None:
         self._store = store
         self._db = store.db
@@ -291,16 +169,21 @@ class SessionService:
         self._environments = environments
         self._instances = instances
         self._runtime = runtime
+        self._resources = resources
 
     # ------------------------------------------------------------------------------ lifecycle
 
     async def create(self, params: SessionCreateParams) -> Json:
         """Create a session and its container; with `initial_events` it starts running.
 
+        Resources are validated before anything is created, and a failure at any step leaves
+        nothing behind.
+
         Raises:
-            NotFoundError: unknown agent, version or environment.
+            NotFoundError: unknown agent, version, environment or file.
             ConflictError: the agent or environment is archived.
-            BackendUnavailableError: the container could not be created (nothing is kept).
+            InvalidRequestError: a resource is malformed.
+            BackendUnavailableError: the container could not be created.
         """
         agent = await self._resolve_agent(params.agent)
         environment = await self._environments.retrieve(params.environment_id)
@@ -310,6 +193,8 @@ class SessionService:
                 "Pick another environment"
             )
             raise ConflictError(msg)
+        if params.resources:
+            await self._resources.validate(params.resources)
         stamp = now()
         session: Json = {
             "id": new_id("sesn"),
@@ -346,16 +231,22 @@ class SessionService:
                     self._instances.id,
                 ),
             )
+            _check_client_event(conn, session["id"], initial)
             insert_events(conn, session["id"], initial, processed=False)
 
         await self._db.write(insert)
+        sandbox_id: str | None = None
         try:
             sandbox_id = await self._runtime.provision(session, environment)
+            await self._store.set_columns(session["id"], sandbox_id=sandbox_id)
+            if params.resources:
+                await self._resources.attach(session["id"], params.resources)
         except BaseException:
             with anyio.CancelScope(shield=True):
+                if sandbox_id is not None:
+                    await self._runtime.destroy(session["id"], sandbox_id)
                 await self._forget(session["id"])
             raise
-        await self._store.set_columns(session["id"], sandbox_id=sandbox_id)
         if initial:
             self._runtime.wake(session["id"])
         return await self.retrieve(session["id"])
@@ -387,14 +278,23 @@ class SessionService:
         }
         if isinstance(selector, AgentWithOverrides):
             fields = selector.model_fields_set
+            tools = selector.tools if "tools" in fields else None
+            servers = selector.mcp_servers if "mcp_servers" in fields else None
+            if tools is not None or servers is not None:
+                check_agent_shape(
+                    tools if tools is not None else [],
+                    servers
+                    if servers is not None
+                    else [McpServerParam.model_validate(s) for s in agent["mcp_servers"]],
+                )
             if "model" in fields and selector.model is not None:
                 snapshot["model"] = normalize_model(selector.model)
             if "system" in fields:
                 snapshot["system"] = selector.system
-            if "tools" in fields:
-                snapshot["tools"] = normalize_tools(selector.tools or [])
-            if "mcp_servers" in fields:
-                snapshot["mcp_servers"] = [s.model_dump() for s in selector.mcp_servers or []]
+            if tools is not None:
+                snapshot["tools"] = normalize_tools(tools)
+            if servers is not None:
+                snapshot["mcp_servers"] = [s.model_dump() for s in servers]
             if "skills" in fields:
                 snapshot["skills"] = [s.model_dump() for s in selector.skills or []]
         return snapshot
@@ -402,12 +302,17 @@ class SessionService:
     async def _forget(self, session_id: str) -> None:
         def delete(conn: sqlite3.Connection) -> None:
             conn.execute("DELETE FROM events WHERE session_id = ?", (session_id,))
+            conn.execute("DELETE FROM session_resources WHERE session_id = ?", (session_id,))
             conn.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
 
         await self._db.write(delete)
+        await self._resources.files.delete_scope(session_id)
 
     async def retrieve(self, session_id: str) -> Json:
-        return (await self._store.require(session_id)).session
+        record = await self._store.require(session_id)
+        session = record.session
+        session["resources"] = await self._store.resources(session_id)
+        return session
 
     async def list(
         self,
@@ -416,6 +321,7 @@ class SessionService:
         page: str | None = None,
         order: Order = "desc",
         agent_id: str | None = None,
+        agent_version: int | None = None,
         statuses: Sequence[str] | None = None,
         include_archived: bool = False,
     ) -> Page:
@@ -424,6 +330,9 @@ class SessionService:
         if agent_id:
             sql += " AND agent_id = ?"
             args.append(agent_id)
+        if agent_version is not None:
+            sql += " AND agent_version = ?"
+            args.append(agent_version)
         if statuses:
             sql += f" AND status IN ({', '.join('?' for _ in statuses)})"
             args.extend(statuses)
@@ -431,22 +340,37 @@ class SessionService:
             sql += " AND archived_at IS NULL"
         return await self._db.read(
             lambda c: paginate_by_id(
-                c, sql, args, limit=limit, page=page, order=order, decode=_decode_session
+                c, sql, args, limit=limit, page=page, order=order, decode=decode_session
             )
         )
 
-    async def update(self, session_id: str, params: SessionUpdateParams) -> Json:
-        changed: Json = {}
-
-        def check(conn: sqlite3.Connection, session: Json) -> None:
-            if session["archived_at"] is not None:
-                msg = f"session {session_id} is archived and read-only"
-                raise ConflictError(msg)
-
+    async def _require_quiet(self, session_id: str, action: str) -> SessionRecord:
+        """The session, if it is not running and has nothing queued; else a conflict."""
         record = await self._store.require(session_id)
-        session = dict(record.session)
+        if record.session["status"] in BUSY_STATUSES or await self._store.pending(session_id):
+            msg = (
+                f"session {session_id} is running; cannot {action} it now. Send a "
+                "user.interrupt (or wait_for_session until done), then try again"
+            )
+            raise ConflictError(msg)
+        return record
+
+    async def update(self, session_id: str, params: SessionUpdateParams) -> Json:
+        """Change title, metadata (per-key patch) or, while idle, the agent's tools.
+
+        Emits `session.updated` with the changed fields; a no-op changes nothing.
+
+        Raises:
+            ConflictError: the session is archived, or running while tools change.
+        """
+        record = await self._store.require(session_id)
+        if record.session["archived_at"] is not None:
+            msg = f"session {session_id} is archived and read-only"
+            raise ConflictError(msg)
+        session = record.session
+        changed: Json = {}
         if "title" in params.model_fields_set and params.title != session["title"]:
-            changed["title"] = session["title"] = params.title
+            changed["title"] = params.title
         if params.metadata:
             metadata = dict(session["metadata"])
             for key, value in params.metadata.items():
@@ -454,25 +378,85 @@ class SessionService:
                     metadata.pop(key, None)
                 else:
                     metadata[key] = value
+            if len(metadata) > 16:
+                msg = f"metadata would have {len(metadata)} keys; at most 16 are allowed"
+                raise InvalidRequestError(msg)
             if metadata != session["metadata"]:
-                changed["metadata"] = session["metadata"] = metadata
+                changed["metadata"] = metadata
+        if params.agent is not None:
+            agent = dict(session["agent"])
+            fields = params.agent.model_fields_set
+            tools = params.agent.tools if "tools" in fields else None
+            servers = params.agent.mcp_servers if "mcp_servers" in fields else None
+            check_agent_shape(
+                tools if tools is not None else [],
+                servers
+                if servers is not None
+                else [McpServerParam.model_validate(s) for s in agent["mcp_servers"]],
+            )
+            if tools is not None:
+                agent["tools"] = normalize_tools(tools)
+            if servers is not None:
+                agent["mcp_servers"] = [s.model_dump() for s in servers]
+            if agent != session["agent"]:
+                await self._require_quiet(session_id, "change the tools of")
+                changed["agent"] = agent
         if not changed:
-            return session
-        session["updated_at"] = now()
+            return await self.retrieve(session_id)
+        stamp = now()
 
         def write(conn: sqlite3.Connection) -> None:
             row = conn.execute("SELECT * FROM sessions WHERE id = ?", (session_id,)).fetchone()
             if row is None:
-                raise _missing(session_id)
-            current = _decode_session(row)
-            check(conn, current)
-            current.update(changed, updated_at=session["updated_at"])
+                raise session_not_found(session_id)
+            current = json.loads(row["body"])
+            current.update(changed, updated_at=stamp)
             conn.execute("UPDATE sessions SET body = ? WHERE id = ?", (dumps(current), session_id))
             insert_events(conn, session_id, [{"type": "session.updated", **changed}])
 
         await self._db.write(write)
         self._store.bus.notify(session_id)
         return await self.retrieve(session_id)
+
+    async def archive(self, session_id: str) -> Json:
+        """Make the session read-only and `terminated` (history kept); stop its container.
+
+        Raises:
+            ConflictError: the session is running or has queued events.
+        """
+        record = await self._require_quiet(session_id, "archive")
+        if record.session["archived_at"] is None:
+            # An archived session is `terminated` (the API's transition); it keeps its history.
+            await self._store.append(
+                session_id, [{"type": "session.status_terminated"}], status="terminated"
+            )
+            stamp = now()
+            await self._db.write(
+                lambda c: c.execute(
+                    "UPDATE sessions SET archived_at = ? WHERE id = ? AND archived_at IS NULL",
+                    (stamp, session_id),
+                )
+            )
+            self._store.bus.notify(session_id)
+            await self._runtime.stop(session_id, record.sandbox_id)
+        return await self.retrieve(session_id)
+
+    async def delete(self, session_id: str) -> Json:
+        """Delete the session: its container and workspace, events, resources and files.
+
+        Emits `session.deleted` to anyone following the session.
+
+        Raises:
+            ConflictError: the session is running or has queued events.
+            BackendUnavailableError: the container could not be removed (nothing is deleted).
+        """
+        record = await self._require_quiet(session_id, "delete")
+        await self._runtime.destroy(session_id, record.sandbox_id)
+        await self._forget(session_id)
+        self._store.bus.mark_deleted(
+            session_id, {"type": "session.deleted", "id": new_id("sevt"), "processed_at": now()}
+        )
+        return {"id": session_id, "type": "session_deleted"}
 
     # --------------------------------------------------------------------------------- events
 
@@ -498,13 +482,7 @@ class SessionService:
             if session["status"] == "terminated":
                 msg = f"session {session_id} is terminated and accepts no events; start a new one"
                 raise ConflictError(msg)
-            for payload in payloads:
-                if payload["type"] in ("user.tool_confirmation", "user.custom_tool_result"):
-                    msg = (
-                        f"{payload['type']} is not supported by this server yet; "
-                        "use always_allow tools"
-                    )
-                    raise InvalidRequestError(msg)
+            _check_client_event(conn, session_id, payloads)
 
         stored = await self._store.append(session_id, payloads, check=check, queued=True)
         await self._dispatch(session_id)
@@ -552,6 +530,27 @@ class SessionService:
 
         return await self._db.read(select)
 
+    async def event_position(self, session_id: str, event_id: str) -> int:
+        """The log position of `event_id` in the session.
+
+        Raises:
+            NotFoundError: no such session, or the event is not one of its events.
+        """
+        row = await self._db.read(
+            lambda c: c.execute(
+                "SELECT position FROM events WHERE session_id = ? AND id = ?",
+                (session_id, event_id),
+            ).fetchone()
+        )
+        if row is None:
+            await self._store.require(session_id)
+            msg = (
+                f"event {event_id} is not in session {session_id}; pass the `next_after` "
+                "value of the previous call, or omit `after` to start from the beginning"
+            )
+            raise NotFoundError(msg)
+        return int(row[0])
+
     async def wait(self, session_id: str, *, after: str | None, timeout: float) -> WaitResult:
         """Return once the session needs input (idle with nothing queued) or `timeout` passes.
 
@@ -560,22 +559,7 @@ class SessionService:
         Raises:
             NotFoundError: no such session, or `after` is not one of its events.
         """
-        position = 0
-        if after:
-            row = await self._db.read(
-                lambda c: c.execute(
-                    "SELECT position FROM events WHERE session_id = ? AND id = ?",
-                    (session_id, after),
-                ).fetchone()
-            )
-            if row is None:
-                await self._store.require(session_id)
-                msg = (
-                    f"event {after} is not in session {session_id}; pass the `next_after` "
-                    "value of the previous call, or omit `after` to start from the beginning"
-                )
-                raise NotFoundError(msg)
-            position = int(row[0])
+        position = await self.event_position(session_id, after) if after else 0
         with anyio.move_on_after(max(0.0, timeout)):
             while True:
                 token = self._store.bus.token(session_id)
@@ -591,6 +575,11 @@ class SessionService:
             next_after=events[-1]["id"] if events else after,
             done=await self._settled(record),
         )
+
+    async def _settled(self, record: SessionRecord) -> bool:
+        if record.session["status"] not in WAITING_STATUSES:
+            return False
+        return not await self._store.pending(record.session["id"])
 
     # ---------------------------------------------------------------------------------- files
 
@@ -608,8 +597,3 @@ class SessionService:
             session_id, resolved, max_bytes=max_bytes, roots=READABLE_ROOTS
         )
         return resolved, data
-
-    async def _settled(self, record: SessionRecord) -> bool:
-        if record.session["status"] not in IDLE_STATUSES:
-            return False
-        return not await self._store.pending(record.session["id"])

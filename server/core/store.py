@@ -91,6 +91,33 @@ def m001_initial(conn: sqlite3.Connection) -> None:
     )
 
 
+@migration
+def m002_files(conn: sqlite3.Connection) -> None:
+    _execute_all(
+        conn,
+        """
+        CREATE TABLE files (
+            id TEXT PRIMARY KEY,
+            sha256 TEXT NOT NULL,
+            scope_id TEXT,
+            origin TEXT NOT NULL,
+            path TEXT,
+            body TEXT NOT NULL
+        );
+        CREATE INDEX files_scope ON files(scope_id, origin, path);
+        CREATE INDEX files_sha256 ON files(sha256);
+        CREATE TABLE session_resources (
+            id TEXT PRIMARY KEY,
+            session_id TEXT NOT NULL,
+            file_id TEXT NOT NULL,
+            mount_path TEXT NOT NULL,
+            body TEXT NOT NULL,
+            UNIQUE (session_id, mount_path)
+        );
+        """,
+    )
+
+
 class Database:
     """One SQLite connection, driven from worker threads one call at a time."""
 

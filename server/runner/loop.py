@@ -2,19 +2,24 @@
 
 Every state change is an appended event, written before the next side effect, so the log alone
 rebuilds the conversation (see `history.build_messages`) and a crashed turn can be told apart
-from a finished one.
+from a finished one. A tool call is marked as started (its `agent.tool_use`, and for confirmed
+calls the processed `user.tool_confirmation`) before it runs, so recovery never runs it twice.
 """
 
 from __future__ import annotations
 
+import base64
 import logging
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, Protocol
 
 import anyio
 
-from server.core.sessions import SessionStore
+from server.core.actions import outstanding_actions
+from server.core.files import FileService
+from server.core.session_store import SessionStore
 from server.settings import Settings
 
 from .history import build_messages
@@ -30,6 +35,20 @@ SANDBOX_NOTE = (
     "Files the user uploaded are under /mnt/session/uploads/ (read-only). Save deliverables the "
     "user should receive under /mnt/session/outputs/."
 )
+MAX_OUTPUT_FILE = 100 << 20
+
+Route = tuple[Literal["builtin", "custom"], str | None]
+"""How a tool name is served: a built-in with its permission policy, or a custom tool."""
+
+
+class SandboxAccess(Protocol):
+    """What the loop needs from the supervisor."""
+
+    async def toolset_for(self, session_id: str) -> Toolset: ...
+
+    async def collect_outputs(self, session_id: str) -> list[tuple[str, bytes]]:
+        """Files under /mnt/session/outputs/ as (relative path, bytes)."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,29 +67,47 @@ class TurnFailed(Exception):
         self.end = end
 
 
-def enabled_builtin_tools(agent: Json) -> list[str]:
-    """Names of the built-in sandbox tools the agent may use without asking."""
-    names: list[str] = []
+def tool_routes(agent: Json) -> dict[str, Route]:
+    """Every tool the model may call, by name."""
+    routes: dict[str, Route] = {}
     for tool in agent.get("tools") or []:
-        if tool.get("type") != "agent_toolset_20260401":
-            continue
-        for config in tool.get("configs") or []:
-            policy = (config.get("permission_policy") or {}).get("type", "always_allow")
-            enabled = config.get("enabled", True) and config["name"] in SANDBOX_TOOLS
-            if enabled and policy == "always_allow":
-                names.append(config["name"])
-    return names
+        if tool.get("type") == "agent_toolset_20260401":
+            for config in tool.get("configs") or []:
+                if config.get("enabled", True) and config["name"] in SANDBOX_TOOLS:
+                    policy = (config.get("permission_policy") or {}).get("type", "always_allow")
+                    routes[config["name"]] = ("builtin", policy)
+        elif tool.get("type") == "custom":
+            routes[tool["name"]] = ("custom", None)
+    return routes
+
+
+def tool_definitions(agent: Json) -> list[Json]:
+    definitions: list[Json] = []
+    customs = {t["name"]: t for t in agent.get("tools") or [] if t.get("type") == "custom"}
+    for name, (kind, _) in tool_routes(agent).items():
+        if kind == "builtin":
+            definitions.append(TOOL_DEFINITIONS[name])
+        else:
+            tool = customs[name]
+            definitions.append(
+                {
+                    "name": name,
+                    "description": tool.get("description") or name,
+                    "input_schema": tool.get("input_schema") or {"type": "object"},
+                }
+            )
+    return definitions
 
 
 def build_request(agent: Json, events: list[Json], settings: Settings) -> Json:
-    """The Messages API request for the next model call of a turn."""
+    """The Messages API request for the next model call of a turn (file sources unresolved)."""
     request: Json = {
         "model": agent["model"]["id"],
         "max_tokens": settings.max_tokens,
         "system": (agent.get("system") or "You are a helpful agent.") + SANDBOX_NOTE,
         "messages": build_messages(events),
     }
-    tools = [TOOL_DEFINITIONS[name] for name in enabled_builtin_tools(agent)]
+    tools = tool_definitions(agent)
     if tools:
         request["tools"] = tools
     return request
@@ -99,7 +136,13 @@ def model_usage(usage: Json, speed: str) -> Json:
     }
 
 
-SandboxGetter = Callable[[str], Awaitable[Toolset]]
+def _error_result(tool_use_id: str, text: str) -> Json:
+    return {
+        "type": "agent.tool_result",
+        "tool_use_id": tool_use_id,
+        "content": [{"type": "text", "text": text}],
+        "is_error": True,
+    }
 
 
 class TurnRunner:
@@ -110,21 +153,46 @@ class TurnRunner:
         store: SessionStore,
         model: ModelClient,
         settings: Settings,
-        toolset_for: SandboxGetter,
+        sandboxes: SandboxAccess,
+        files: FileService,
     ) -> None:
         self._store = store
         self._model = model
         self._settings = settings
-        self._toolset_for = toolset_for
+        self._sandboxes = sandboxes
+        self._files = files
 
     async def process(self, session_id: str) -> None:
-        """Handle the session's queued client events: interrupts while idle, then a turn."""
+        """Handle the session's queued client events."""
         pending = await self._store.pending(session_id)
         interrupts = [e["id"] for e in pending if e["type"] == "user.interrupt"]
+        waiting = outstanding_actions(await self._store.events(session_id), count_queued=False)
         if interrupts:
-            # Nothing is running, so an interrupt has nothing to stop.
-            await self._store.mark_processed(session_id, interrupts)
-        if any(e["type"] in INPUT_EVENTS for e in pending):
+            if waiting:
+                # An interrupt while tool calls wait for the client abandons them.
+                record = await self._store.require(session_id)
+                closing = [_error_result(a["id"], "Interrupted by the user.") for a in waiting]
+                await self._store.append(
+                    session_id,
+                    [
+                        *closing,
+                        {"type": "session.usage", "usage": record.session["usage"], "budget": None},
+                        {
+                            "type": "session.status_idle",
+                            "stop_reason": {"type": "end_turn"},
+                            "stop_details": None,
+                        },
+                    ],
+                    processed=interrupts,
+                    status="idle",
+                )
+                waiting = []
+            else:
+                await self._store.mark_processed(session_id, interrupts)
+        answers = [
+            e for e in pending if e["type"] in ("user.tool_confirmation", "user.custom_tool_result")
+        ]
+        if any(e["type"] in INPUT_EVENTS for e in pending) or (waiting and answers):
             await self.run_turn(session_id)
             return
         leftovers = [e["id"] for e in pending if e["type"] not in INPUT_EVENTS]
@@ -132,6 +200,7 @@ class TurnRunner:
 
     async def run_turn(self, session_id: str) -> None:
         """One turn, from `session.status_running` to `session.status_idle`."""
+        started = time.monotonic()
         await self._store.append(session_id, [{"type": "session.status_running"}], status="running")
         end = TurnEnd({"type": "end_turn"})
         outcome = "finished"
@@ -153,22 +222,35 @@ class TurnRunner:
             outcome = "crashed"
             logger.exception("turn of session %s failed", session_id)
         finally:
-            with anyio.CancelScope(shield=True), anyio.move_on_after(30):
-                await self._finish(session_id, end, outcome)
+            with anyio.CancelScope(shield=True), anyio.move_on_after(60):
+                await self._finish(session_id, end, outcome, time.monotonic() - started)
 
-    async def _finish(self, session_id: str, end: TurnEnd, outcome: str) -> None:
+    async def _finish(self, session_id: str, end: TurnEnd, outcome: str, elapsed: float) -> None:
         extra: list[Json] = []
+        processed: list[str] = []
         if outcome != "finished":
             reason = {
                 "interrupted": "Interrupted by the user.",
                 "shutdown": "The server shut down before this tool call finished.",
                 "crashed": "The tool call was abandoned because the turn failed.",
             }[outcome]
-            extra.extend(await self._close_open_tool_uses(session_id, reason))
+            events = await self._store.events(session_id)
+            answered = {e.get("tool_use_id") for e in events if e["type"] == "agent.tool_result"}
+            answered |= {
+                e.get("custom_tool_use_id")
+                for e in events
+                if e["type"] == "user.custom_tool_result"
+            }
+            extra.extend(
+                _error_result(e["id"], reason)
+                for e in events
+                if e["type"] in ("agent.tool_use", "agent.custom_tool_use")
+                and e["id"] not in answered
+            )
         if outcome == "interrupted":
             pending = await self._store.pending(session_id)
-            interrupts = [e["id"] for e in pending if e["type"] == "user.interrupt"]
-            await self._store.mark_processed(session_id, interrupts)
+            processed = [e["id"] for e in pending if e["type"] == "user.interrupt"]
+            end = TurnEnd({"type": "end_turn"})
         elif outcome in ("shutdown", "crashed"):
             message = (
                 "the server shut down during this turn; send a message to continue"
@@ -186,32 +268,29 @@ class TurnRunner:
                 }
             )
             end = TurnEnd({"type": "retries_exhausted"})
+        if outcome != "shutdown":
+            await self._collect_outputs(session_id)
         record = await self._store.require(session_id)
+        usage = dict(record.session["usage"])
+        usage["active_seconds"] = round((usage.get("active_seconds") or 0.0) + elapsed, 3)
         idle: Json = {"type": "session.status_idle", "stop_reason": end.stop_reason}
         idle["stop_details"] = end.stop_details
         await self._store.append(
             session_id,
-            [
-                *extra,
-                {"type": "session.usage", "usage": record.session["usage"], "budget": None},
-                idle,
-            ],
+            [*extra, {"type": "session.usage", "usage": usage, "budget": None}, idle],
             status="idle",
+            active_seconds=elapsed,
+            processed=processed,
         )
 
-    async def _close_open_tool_uses(self, session_id: str, reason: str) -> list[Json]:
-        events = await self._store.events(session_id)
-        answered = {e.get("tool_use_id") for e in events if e["type"] == "agent.tool_result"}
-        return [
-            {
-                "type": "agent.tool_result",
-                "tool_use_id": e["id"],
-                "content": [{"type": "text", "text": reason}],
-                "is_error": True,
-            }
-            for e in events
-            if e["type"] == "agent.tool_use" and e["id"] not in answered
-        ]
+    async def _collect_outputs(self, session_id: str) -> None:
+        """Turn files under /mnt/session/outputs/ into session-scoped files (best effort)."""
+        try:
+            outputs = await self._sandboxes.collect_outputs(session_id)
+            for relative_path, data in outputs:
+                await self._files.record_output(session_id, relative_path, data)
+        except Exception as exc:
+            logger.warning("could not collect the outputs of %s: %s", session_id, exc)
 
     async def _watch_for_interrupt(self, session_id: str, scope: anyio.CancelScope) -> None:
         while True:
@@ -225,6 +304,10 @@ class TurnRunner:
     async def _loop(self, session_id: str) -> TurnEnd:
         requests = 0
         while True:
+            still_waiting = await self._settle_actions(session_id)
+            if still_waiting:
+                ids = [a["id"] for a in still_waiting]
+                return TurnEnd({"type": "requires_action", "event_ids": ids})
             pending = await self._store.pending(session_id)
             inputs = [e["id"] for e in pending if e["type"] in INPUT_EVENTS]
             if inputs:
@@ -234,19 +317,90 @@ class TurnRunner:
             record = await self._store.require(session_id)
             agent = record.session["agent"]
             events = await self._store.events(session_id)
-            request = build_request(agent, events, self._settings)
+            request = await self._resolve_files(build_request(agent, events, self._settings))
             response, start_id = await self._call_model(session_id, request)
             requests += 1
-            tool_uses = await self._record_response(session_id, agent, response, start_id)
+            runnable, waiting = await self._record_response(session_id, agent, response, start_id)
             if response.stop_reason == "refusal":
                 return TurnEnd({"type": "refusal"}, response.stop_details)
-            if tool_uses:
-                for tool_use in tool_uses:
-                    await self._run_tool(session_id, tool_use)
+            for tool_use in runnable:
+                await self._run_tool(session_id, tool_use)
+            if waiting:
+                continue  # settle (nothing answered yet) and idle with requires_action
+            if runnable:
                 continue
             if any(e["type"] in INPUT_EVENTS for e in await self._store.pending(session_id)):
                 continue  # messages sent during the turn: answer them before going idle
             return TurnEnd({"type": "end_turn"})
+
+    async def _settle_actions(self, session_id: str) -> list[Json]:
+        """Apply the client's answers to waiting tool calls; return those still waiting.
+
+        A user message sent instead of an answer abandons the calls it leaves open.
+        """
+        waiting = outstanding_actions(await self._store.events(session_id), count_queued=False)
+        if not waiting:
+            return []
+        pending = await self._store.pending(session_id)
+        decisions = {e["tool_use_id"]: e for e in pending if e["type"] == "user.tool_confirmation"}
+        results = {
+            e["custom_tool_use_id"]: e for e in pending if e["type"] == "user.custom_tool_result"
+        }
+        moved_on = any(e["type"] in INPUT_EVENTS for e in pending)
+        still: list[Json] = []
+        for action in waiting:
+            decision = decisions.get(action["id"])
+            if action["type"] == "agent.tool_use" and decision is not None:
+                if decision["result"] == "allow":
+                    # Marked processed first: if the server dies mid-call, it is not re-run.
+                    await self._store.mark_processed(session_id, [decision["id"]])
+                    await self._run_tool(session_id, action)
+                else:
+                    note = decision.get("deny_message")
+                    text = "The user denied this tool call." + (f" {note}" if note else "")
+                    await self._store.append(
+                        session_id, [_error_result(action["id"], text)], processed=[decision["id"]]
+                    )
+            elif action["type"] == "agent.custom_tool_use" and action["id"] in results:
+                await self._store.mark_processed(session_id, [results[action["id"]]["id"]])
+            elif moved_on:
+                await self._store.append(
+                    session_id,
+                    [
+                        _error_result(
+                            action["id"],
+                            "Not run: the user sent a new message instead of answering.",
+                        )
+                    ],
+                )
+            else:
+                still.append(action)
+        return still
+
+    async def _resolve_files(self, request: Json) -> Json:
+        """Replace `{"source": {"type": "file", ...}}` blocks with inline data from the store."""
+        for message in request["messages"]:
+            for index, block in enumerate(message["content"]):
+                source = block.get("source") if isinstance(block, dict) else None
+                if not source or source.get("type") != "file":
+                    continue
+                meta, data = await self._files.content(source["file_id"])
+                mime = meta["mime_type"]
+                resolved = dict(block)
+                if block["type"] == "document" and mime.startswith("text/"):
+                    resolved["source"] = {
+                        "type": "text",
+                        "media_type": "text/plain",
+                        "data": data.decode("utf-8", errors="replace"),
+                    }
+                else:
+                    resolved["source"] = {
+                        "type": "base64",
+                        "media_type": mime,
+                        "data": base64.b64encode(data).decode(),
+                    }
+                message["content"][index] = resolved
+        return request
 
     async def _over_limit(self, session_id: str) -> TurnEnd:
         limit = self._settings.max_model_requests
@@ -311,9 +465,9 @@ class TurnRunner:
 
     async def _record_response(
         self, session_id: str, agent: Json, response: ModelResponse, start_id: str
-    ) -> list[Json]:
-        """Append the reply as events; return the tool uses that should run now."""
-        allowed = set(enabled_builtin_tools(agent))
+    ) -> tuple[list[Json], list[Json]]:
+        """Append the reply as events; return (tool uses to run now, calls left to the client)."""
+        routes = tool_routes(agent)
         text = [b for b in response.content if b.get("type") == "text" and b.get("text")]
         events: list[Json] = []
         if any(b.get("type") in ("thinking", "redacted_thinking") for b in response.content):
@@ -334,49 +488,51 @@ class TurnRunner:
                 "model_usage": model_usage(response.usage, speed),
             }
         )
-        denied: list[Json] = []
         for block in response.content:
             if block.get("type") != "tool_use":
                 continue
-            event: Json = {
-                "type": "agent.tool_use",
-                "name": block.get("name"),
-                "input": block.get("input") or {},
-            }
-            if block.get("name") in allowed:
-                event["evaluated_permission"] = "allow"
-                event["evaluation"] = {"type": "always_allow"}
+            name, tool_input = block.get("name"), block.get("input") or {}
+            kind, policy = routes.get(str(name), (None, None))
+            if kind == "custom":
+                events.append({"type": "agent.custom_tool_use", "name": name, "input": tool_input})
+                continue
+            event: Json = {"type": "agent.tool_use", "name": name, "input": tool_input}
+            if kind == "builtin":
+                ask = policy == "always_ask"
+                event["evaluated_permission"] = "ask" if ask else "allow"
+                event["evaluation"] = {"type": policy}
             else:
                 event["evaluated_permission"] = "deny"
             events.append(event)
         stored = await self._store.append(session_id, events, usage=usage_delta(response.usage))
-        runnable = []
+        runnable: list[Json] = []
+        waiting: list[Json] = []
+        denied: list[Json] = []
         for event in stored:
-            if event["type"] != "agent.tool_use":
-                continue
-            if event["evaluated_permission"] == "allow":
-                runnable.append(event)
-            else:
-                denied.append(
-                    {
-                        "type": "agent.tool_result",
-                        "tool_use_id": event["id"],
-                        "content": [
-                            {"type": "text", "text": f"tool {event['name']!r} is not enabled"}
-                        ],
-                        "is_error": True,
-                    }
-                )
+            if event["type"] == "agent.custom_tool_use":
+                waiting.append(event)
+            elif event["type"] == "agent.tool_use":
+                permission = event["evaluated_permission"]
+                if permission == "allow":
+                    runnable.append(event)
+                elif permission == "ask":
+                    waiting.append(event)
+                else:
+                    denied.append(
+                        _error_result(event["id"], f"tool {event['name']!r} is not enabled")
+                    )
         if denied:
             await self._store.append(session_id, denied)
-        return runnable
+        return runnable, waiting
 
     async def _run_tool(self, session_id: str, tool_use: Json) -> None:
         try:
-            toolset = await self._toolset_for(session_id)
+            toolset = await self._sandboxes.toolset_for(session_id)
         except Exception as exc:  # the sandbox backend is down: the model should hear why
             logger.warning("no sandbox for session %s: %s", session_id, exc)
-            content = [{"type": "text", "text": f"the sandbox is not available: {exc}"}]
+            content: Sequence[Json] = [
+                {"type": "text", "text": f"the sandbox is not available: {exc}"}
+            ]
             is_error = True
         else:
             outcome = await toolset.run(tool_use["name"], tool_use.get("input") or {})
@@ -387,7 +543,7 @@ class TurnRunner:
                 {
                     "type": "agent.tool_result",
                     "tool_use_id": tool_use["id"],
-                    "content": content,
+                    "content": list(content),
                     "is_error": is_error,
                 }
             ],

@@ -8,22 +8,27 @@ containers that belong to no session.
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
+import posixpath
+import tarfile
 from collections.abc import Sequence
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import anyio
 import anyio.abc
 
-from sandbox.base import Sandbox, SandboxBackend, SandboxSpec
+from sandbox.base import OUTPUTS_DIR, UPLOADS_DIR, Sandbox, SandboxBackend, SandboxSpec
 from sandbox.errors import SandboxError, SandboxNotFound, SandboxPathError, SandboxUnavailable
 from server.core.errors import BackendUnavailableError, InvalidRequestError, NotFoundError
+from server.core.files import FileService
 from server.core.instances import InstanceRegistry
-from server.core.sessions import SessionRecord, SessionStore
+from server.core.session_store import SessionRecord, SessionStore
 from server.settings import Settings
 
-from .loop import TurnRunner
+from .loop import MAX_OUTPUT_FILE, TurnRunner
 from .model import ModelClient
 from .toolset import Toolset
 
@@ -46,13 +51,17 @@ class Supervisor:
         backend: SandboxBackend,
         model: ModelClient,
         settings: Settings,
+        files: FileService,
     ) -> None:
         self._store = store
         self._instances = instances
         self._backend = backend
         self._model = model
         self._settings = settings
-        self._runner = TurnRunner(store, model, settings, self.toolset_for)
+        self._files = files
+        self._runner = TurnRunner(store, model, settings, self, files)
+        self._output_index: dict[str, dict[str, str]] = {}
+        """Session id → output path → "size mtime" seen at the last collection."""
         self._home_label = hashlib.sha256(str(settings.home.resolve()).encode()).hexdigest()[:16]
         self._sandboxes: dict[str, Sandbox] = {}
         self._sandbox_locks: dict[str, anyio.Lock] = {}
@@ -123,12 +132,67 @@ class Supervisor:
 
     async def destroy(self, session_id: str, sandbox_id: str | None) -> None:
         sandbox = self._sandboxes.pop(session_id, None)
+        self._output_index.pop(session_id, None)
         if sandbox is not None:
             await sandbox.aclose()
         try:
             await self._backend.remove(sandbox_id or f"ma-{session_id}")
         except SandboxError as exc:
             raise _unavailable(exc) from exc
+
+    async def stop(self, session_id: str, sandbox_id: str | None) -> None:
+        sandbox = self._sandboxes.pop(session_id, None)
+        if sandbox is not None:
+            await sandbox.aclose()
+        try:
+            await self._backend.stop(sandbox_id or f"ma-{session_id}")
+        except SandboxError as exc:
+            raise _unavailable(exc) from exc
+
+    async def mount_files(self, session_id: str, mounts: Sequence[tuple[str, Path]]) -> None:
+        try:
+            await _write_mounts(await self.sandbox_for(session_id), mounts)
+        except SandboxError as exc:
+            raise _unavailable(exc) from exc
+
+    async def unmount_file(self, session_id: str, path: str) -> None:
+        try:
+            sandbox = await self.sandbox_for(session_id)
+            await sandbox.exec(["rm", "-f", "--", path], user="0")
+        except SandboxError as exc:
+            raise _unavailable(exc) from exc
+
+    async def collect_outputs(self, session_id: str) -> list[tuple[str, bytes]]:
+        """New or changed files under /mnt/session/outputs/ since the last collection."""
+        sandbox = self._sandboxes.get(session_id)
+        if sandbox is None:
+            return []
+        listing = await sandbox.exec(
+            [
+                "sh",
+                "-c",
+                f"cd {OUTPUTS_DIR} 2>/dev/null || exit 0; "
+                "find . -type f -printf '%s %T@ %P\\n' 2>/dev/null | head -n 1000",
+            ]
+        )
+        seen = self._output_index.setdefault(session_id, {})
+        changed: list[str] = []
+        for line in listing.stdout.decode(errors="replace").splitlines():
+            parts = line.split(" ", 2)
+            if len(parts) != 3 or not parts[0].isdigit() or int(parts[0]) > MAX_OUTPUT_FILE:
+                continue
+            size, stamp, path = parts
+            if seen.get(path) != f"{size} {stamp}":
+                seen[path] = f"{size} {stamp}"
+                changed.append(path)
+        if not changed:
+            return []
+        archive = await sandbox.exec(
+            ["tar", "-c", "-f", "-", "-C", OUTPUTS_DIR, "--", *changed],
+            max_output=len(changed) * MAX_OUTPUT_FILE + (1 << 20),
+            timeout=300,
+        )
+        return _read_tar(archive.stdout)
 
     def wake(self, session_id: str) -> None:
         if session_id in self._workers:
@@ -193,6 +257,12 @@ class Supervisor:
                 environment = await self._environment(record)
                 sandbox = await self._backend.create(self._spec(session_id, environment))
                 await self._store.set_columns(session_id, sandbox_id=sandbox.id)
+            # A stopped or re-created container has empty tmpfs mounts: put the files back.
+            mounts = []
+            for resource in await self._store.resources(session_id):
+                _, blob = await self._files.blob_path(resource["file_id"])
+                mounts.append((resource["mount_path"], blob))
+            await _write_mounts(sandbox, mounts)
             self._sandboxes[session_id] = sandbox
             return sandbox
 
@@ -290,6 +360,47 @@ class Supervisor:
         await self._store.bus.watch(
             self._store.db, on_change, interval=self._settings.poll_interval
         )
+
+
+async def _write_mounts(sandbox: Sandbox, mounts: Sequence[tuple[str, Path]]) -> None:
+    """Extract the files, read-only and owned by root, under /mnt/session/uploads/ in one go."""
+    if not mounts:
+        return
+
+    def pack() -> bytes:
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            for path, blob in mounts:
+                info = tar.gettarinfo(str(blob), arcname=posixpath.relpath(path, UPLOADS_DIR))
+                info.mode, info.uid, info.gid, info.uname, info.gname = 0o444, 0, 0, "", ""
+                with blob.open("rb") as data:
+                    tar.addfile(info, data)
+        return buffer.getvalue()
+
+    payload = await anyio.to_thread.run_sync(pack)
+    result = await sandbox.exec(
+        ["tar", "-x", "-f", "-", "-C", UPLOADS_DIR, "--no-same-owner"],
+        user="0",
+        stdin=payload,
+        timeout=300,
+    )
+    if result.exit_code != 0:
+        reason = result.stderr.decode(errors="replace").strip()
+        msg = f"mounting files failed: {reason or f'tar exit {result.exit_code}'}"
+        raise SandboxError(msg, op="mount")
+
+
+def _read_tar(data: bytes) -> list[tuple[str, bytes]]:
+    """Regular files of an archive made by our own `tar -c` (nothing is extracted to disk)."""
+    files: list[tuple[str, bytes]] = []
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        for member in tar:
+            if not member.isreg():
+                continue
+            handle = tar.extractfile(member)
+            if handle is not None:
+                files.append((posixpath.normpath(member.name).lstrip("/"), handle.read()))
+    return files
 
 
 def _unavailable(exc: SandboxError) -> BackendUnavailableError:

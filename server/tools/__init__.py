@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from mcp.server.mcpserver import MCPServer
 
-from . import agents, environments, sessions
+from . import agents, environments, files, sessions
 
 
 def register_tools(mcp: MCPServer) -> None:
     """Register every tool on `mcp`."""
-    for module in (agents, environments, sessions):
+    for module in (agents, environments, sessions, files):
         module.register(mcp)

@@ -151,3 +151,12 @@ def register(mcp: MCPServer) -> None:
         """
         with tool_errors():
             return await services(ctx).agents.archive(agent_id)
+
+    @mcp.tool(title="List agent versions", annotations=READ_ONLY)
+    async def list_agent_versions(
+        ctx: Context, agent_id: AgentId, limit: Limit = 20, page: Page = None
+    ) -> Json:
+        """List an agent's versions, newest first. Returns `{data, next_page}`."""
+        with tool_errors():
+            result = await services(ctx).agents.list_versions(agent_id, limit=limit, page=page)
+            return result.to_json()

@@ -7,9 +7,9 @@ from typing import Annotated
 from mcp.server.mcpserver import Context, MCPServer
 from pydantic import Field
 
-from server.core.models import CloudConfig, EnvironmentCreateParams
+from server.core.models import CloudConfig, EnvironmentCreateParams, EnvironmentUpdateParams
 
-from ._common import CREATES, READ_ONLY, Json, services, tool_errors
+from ._common import CREATES, DESTROYS, READ_ONLY, UPDATES, Json, services, tool_errors
 
 EnvironmentId = Annotated[str, Field(description="The environment's id (`env_…`).")]
 
@@ -61,3 +61,46 @@ def register(mcp: MCPServer) -> None:
                 limit=limit, page=page, include_archived=include_archived
             )
             return result.to_json()
+
+    @mcp.tool(title="Update environment", annotations=UPDATES)
+    async def update_environment(
+        ctx: Context,
+        environment_id: EnvironmentId,
+        name: str | None = None,
+        description: Annotated[str | None, Field(description='"" clears it.')] = None,
+        config: Annotated[
+            CloudConfig | None, Field(description="Replaces the whole config.")
+        ] = None,
+        metadata: Annotated[
+            dict[str, str | None] | None,
+            Field(description="Per-key patch: a string sets a key, null deletes it."),
+        ] = None,
+    ) -> Json:
+        """Change an environment. Containers created from now on use the new recipe; running
+        sessions keep theirs."""
+        changes: dict[str, object] = {}
+        if name is not None:
+            changes["name"] = name
+        if description is not None:
+            changes["description"] = description or None
+        if config is not None:
+            changes["config"] = config
+        if metadata is not None:
+            changes["metadata"] = metadata
+        with tool_errors():
+            params = EnvironmentUpdateParams.model_validate(changes)
+            return await services(ctx).environments.update(environment_id, params)
+
+    @mcp.tool(title="Archive environment", annotations=DESTROYS)
+    async def archive_environment(ctx: Context, environment_id: EnvironmentId) -> Json:
+        """Archive an environment: read-only, and new sessions cannot use it (running ones go
+        on). Cannot be undone."""
+        with tool_errors():
+            return await services(ctx).environments.archive(environment_id)
+
+    @mcp.tool(title="Delete environment", annotations=DESTROYS)
+    async def delete_environment(ctx: Context, environment_id: EnvironmentId) -> Json:
+        """Delete an environment that no session uses (delete those sessions first, or archive
+        the environment instead)."""
+        with tool_errors():
+            return await services(ctx).environments.delete(environment_id)

@@ -7,9 +7,18 @@ from typing import Annotated, Literal
 from mcp.server.mcpserver import Context, MCPServer
 from pydantic import Field
 
-from server.core.models import AgentSelector, SessionCreateParams, UserEvent, UserMessageEvent
+from server.core.models import (
+    AgentSelector,
+    FileResourceParam,
+    SessionAgentUpdate,
+    SessionCreateParams,
+    SessionUpdateParams,
+    UserEvent,
+    UserInterruptEvent,
+    UserMessageEvent,
+)
 
-from ._common import CREATES, READ_ONLY, RUNS_AGENT, Json, services, tool_errors
+from ._common import CREATES, DESTROYS, READ_ONLY, RUNS_AGENT, UPDATES, Json, services, tool_errors
 
 SessionId = Annotated[str, Field(description="The session's id (`sesn_…`).")]
 MAX_WAIT_S = 45.0
@@ -43,6 +52,13 @@ def register(mcp: MCPServer) -> None:
             list[UserMessageEvent] | None,
             Field(description="Optional user.message events to start working on at once."),
         ] = None,
+        resources: Annotated[
+            list[FileResourceParam] | None,
+            Field(
+                description='Uploaded files to mount read-only: `[{"type": "file", "file_id": '
+                '..., "mount_path": "/mnt/session/uploads/data.csv"}]` (up to 500).'
+            ),
+        ] = None,
     ) -> Json:
         """Start a session: a sub-agent with its own sandbox container, idle until you send work.
 
@@ -56,6 +72,7 @@ def register(mcp: MCPServer) -> None:
                 title=title,
                 metadata=metadata or {},
                 initial_events=initial_events or [],
+                resources=resources or [],
             )
             return await services(ctx).sessions.create(params)
 
@@ -71,6 +88,7 @@ def register(mcp: MCPServer) -> None:
         limit: Annotated[int, Field(ge=1, le=100)] = 20,
         page: Annotated[str | None, Field(description="`next_page` of the previous call.")] = None,
         agent_id: str | None = None,
+        agent_version: Annotated[int | None, Field(ge=1)] = None,
         statuses: list[Literal["idle", "running", "rescheduling", "terminated"]] | None = None,
         include_archived: bool = False,
     ) -> Json:
@@ -80,6 +98,7 @@ def register(mcp: MCPServer) -> None:
                 limit=limit,
                 page=page,
                 agent_id=agent_id,
+                agent_version=agent_version,
                 statuses=statuses,
                 include_archived=include_archived,
             )
@@ -103,6 +122,30 @@ def register(mcp: MCPServer) -> None:
         current turn. Then call `wait_for_session` to follow the work.
         """
         with tool_errors():
+            stored = await services(ctx).sessions.send_events(session_id, [event])
+            return {"data": stored}
+
+    @mcp.tool(title="Send message", annotations=RUNS_AGENT)
+    async def send_message(
+        ctx: Context,
+        session_id: SessionId,
+        text: Annotated[str, Field(min_length=1, description="What to ask the sub-agent.")],
+    ) -> Json:
+        """Send a text `user.message` to a session (shorthand for `send_event`) and return at
+        once. Then call `wait_for_session`."""
+        with tool_errors():
+            event = UserMessageEvent(type="user.message", content=text)  # type: ignore[arg-type]
+            stored = await services(ctx).sessions.send_events(session_id, [event])
+            return {"data": stored}
+
+    @mcp.tool(title="Interrupt session", annotations=RUNS_AGENT)
+    async def interrupt_session(ctx: Context, session_id: SessionId) -> Json:
+        """Stop what the session is doing (model stream and running command); it goes idle.
+
+        Shorthand for `send_event` with `{"type": "user.interrupt"}`.
+        """
+        with tool_errors():
+            event = UserInterruptEvent(type="user.interrupt")
             stored = await services(ctx).sessions.send_events(session_id, [event])
             return {"data": stored}
 
@@ -181,3 +224,81 @@ def register(mcp: MCPServer) -> None:
                 msg = f"{resolved} is not UTF-8 text; it cannot be shown as text"
                 raise InvalidRequestError(msg) from None
             return {"path": resolved, "size": len(data), "content": text}
+
+    @mcp.tool(title="Update session", annotations=UPDATES)
+    async def update_session(
+        ctx: Context,
+        session_id: SessionId,
+        title: str | None = None,
+        metadata: Annotated[
+            dict[str, str | None] | None,
+            Field(description="Per-key patch: a string sets a key, null deletes it."),
+        ] = None,
+        agent: Annotated[
+            SessionAgentUpdate | None,
+            Field(description="`{tools, mcp_servers}` for this session only; only while idle."),
+        ] = None,
+    ) -> Json:
+        """Change a session's title or metadata, or (while idle) its tools. Emits
+        `session.updated`."""
+        changes: dict[str, object] = {}
+        if title is not None:
+            changes["title"] = title
+        if metadata is not None:
+            changes["metadata"] = metadata
+        if agent is not None:
+            changes["agent"] = agent
+        with tool_errors():
+            params = SessionUpdateParams.model_validate(changes)
+            return await services(ctx).sessions.update(session_id, params)
+
+    @mcp.tool(title="Archive session", annotations=DESTROYS)
+    async def archive_session(ctx: Context, session_id: SessionId) -> Json:
+        """Archive a session: its history stays readable, it accepts no more events, and its
+        container is stopped. Refused while it runs (interrupt it first)."""
+        with tool_errors():
+            return await services(ctx).sessions.archive(session_id)
+
+    @mcp.tool(title="Delete session", annotations=DESTROYS)
+    async def delete_session(ctx: Context, session_id: SessionId) -> Json:
+        """Delete a session with its container, workspace, events and files. Refused while it
+        runs (interrupt it first). Cannot be undone."""
+        with tool_errors():
+            return await services(ctx).sessions.delete(session_id)
+
+    @mcp.tool(title="Add session resource", annotations=CREATES)
+    async def add_session_resource(
+        ctx: Context,
+        session_id: SessionId,
+        file_id: Annotated[str, Field(description="An uploaded file (`file_…`).")],
+        mount_path: Annotated[
+            str | None,
+            Field(
+                description="Absolute path; it is rooted under /mnt/session/uploads/ "
+                "(default /mnt/session/uploads/<file_id>)."
+            ),
+        ] = None,
+    ) -> Json:
+        """Mount an uploaded file read-only into a session's container (running or idle).
+
+        The resource gets its own session-scoped copy of the file (a new `file_id`).
+        """
+        with tool_errors():
+            param = FileResourceParam(type="file", file_id=file_id, mount_path=mount_path)
+            return await services(ctx).resources.add(session_id, param)
+
+    @mcp.tool(title="List session resources", annotations=READ_ONLY)
+    async def list_session_resources(ctx: Context, session_id: SessionId) -> Json:
+        """List the files mounted in a session. Returns `{data}`."""
+        with tool_errors():
+            return {"data": await services(ctx).resources.list(session_id)}
+
+    @mcp.tool(title="Delete session resource", annotations=DESTROYS)
+    async def delete_session_resource(
+        ctx: Context,
+        session_id: SessionId,
+        resource_id: Annotated[str, Field(description="The resource's id (`sesrsc_…`).")],
+    ) -> Json:
+        """Unmount a file from a session and delete its session-scoped copy."""
+        with tool_errors():
+            return await services(ctx).resources.delete(session_id, resource_id)

@@ -14,7 +14,7 @@ import pytest_asyncio
 
 from server.core.changes import ChangeBus
 from server.core.errors import InvalidRequestError
-from server.core.sessions import SessionStore
+from server.core.session_store import SessionStore
 from server.core.store import Database
 
 pytestmark = pytest.mark.asyncio
