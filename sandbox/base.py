@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 WORKSPACE = "/workspace"
 """The sub-agent's working directory; it survives container restarts."""
@@ -48,10 +48,30 @@ class SandboxSpec:
     """A unique, human-readable name (the container name for Docker)."""
     labels: Mapping[str, str] = field(default_factory=dict)
     env: Mapping[str, str] = field(default_factory=dict)
-    network: str = "none"
-    """`none`, or the name of a network the backend should attach the sandbox to."""
+    egress_socket_dir: str | None = None
+    """Host directory holding the session's egress proxy socket; None means no network at all.
+
+    The sandbox itself never has a network interface besides loopback: outbound HTTP(S) goes
+    through a forwarder on 127.0.0.1:3128 to this socket (see `sandbox.egress`)."""
     user: str = DEFAULT_USER
     limits: Limits = field(default_factory=Limits)
+
+
+@dataclass(frozen=True, slots=True)
+class ImageRecipe:
+    """What an environment's image is made of: a base, Dockerfile steps, packages."""
+
+    base_image: str
+    packages: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    """Package manager (`apt`, `cargo`, `gem`, `go`, `npm`, `pip`) → specs."""
+    dockerfile: str | None = None
+    """Extra Dockerfile instructions (no FROM), run as root before the packages."""
+    build_args: Mapping[str, str] = field(default_factory=dict)
+    """Passed to the build only (package index URLs, proxies); not part of the image's key."""
+    ca_bundle: bytes | None = None
+    """Extra CA certificates the image should trust (e.g. a corporate TLS proxy's)."""
+    network: str | None = None
+    """Network for build steps: None = the backend's choice, or `host`, `bridge`, `none`."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,8 +185,21 @@ class SandboxBackend(Protocol):
 
     async def image_present(self, image: str) -> bool: ...
 
+    async def prepare_image(self, recipe: ImageRecipe) -> str:
+        """Build (or reuse, keyed by content) the image for `recipe`; return its name.
+
+        Raises:
+            ImageNotFound: the base image is missing.
+            ImageBuildError: a build step failed; the message names it and shows its output.
+        """
+        ...
+
     async def create(self, spec: SandboxSpec) -> Sandbox:
         """Create and start a sandbox; return it with its shell ready."""
+        ...
+
+    async def inspect(self, sandbox_id: str) -> SandboxInfo | None:
+        """What the backend knows about a sandbox (None when it does not exist)."""
         ...
 
     async def attach(self, sandbox_id: str) -> Sandbox:
@@ -179,6 +212,10 @@ class SandboxBackend(Protocol):
 
     async def list(self, labels: Mapping[str, str]) -> list[SandboxInfo]:
         """Sandboxes carrying all of `labels`."""
+        ...
+
+    async def rename(self, sandbox: Any, name: str) -> Sandbox:
+        """Give a running sandbox a new id/name (a warm-pool sandbox handed to a session)."""
         ...
 
     async def stop(self, sandbox_id: str) -> None:

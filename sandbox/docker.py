@@ -26,12 +26,14 @@ from .base import (
     UPLOADS_DIR,
     WORKSPACE,
     ExecResult,
+    ImageRecipe,
     SandboxInfo,
     SandboxSpec,
-    ShellResult,
 )
-from .errors import SandboxExecError, SandboxNotFound, SandboxPathError, map_docker_errors
-from .shell import KILL_TREE_SCRIPT, SHELL_LAUNCHER, PersistentShell
+from .egress import CONTAINER_SOCKET_DIR, CONTAINER_SOCKET_PATH, proxy_env
+from .errors import SandboxExecError, SandboxNotFound, map_docker_errors
+from .forwarder import CONTAINER_FORWARDER_PATH, FORWARDER_PATH, container_command
+from .shell import SHELL_LAUNCHER, ShellSandbox
 
 if TYPE_CHECKING:
     import docker
@@ -41,25 +43,11 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _DOCKER_LIMITER = anyio.CapacityLimiter(8)
-EGRESS_NETWORK = "managed-agents-mcp-egress"
-"""Bridge network (inter-container traffic disabled) for sessions with outbound access."""
+IDLE_COMMAND = ["sh", "-c", "while :; do sleep 86400; done"]
 _GO = b"\n"
 # Every one-shot exec first waits for one line on stdin: output can then only start after
 # docker-py has finished reading the upgrade response, so no byte is lost in its buffer.
 _ONE_SHOT_PRELUDE = 'read -r _ || exit 125; exec "$@"'
-# $1 path, $2 byte limit, $3.. allowed roots (none: anywhere). The real path (symlinks resolved)
-# must lie under a root, so a link in the workspace cannot reach the rest of the container.
-_READ_FILE_SCRIPT = (
-    'f=$1; max=$2; shift 2; [ -e "$f" ] || exit 3; '
-    'if [ $# -gt 0 ]; then r=$(realpath -e -- "$f") || exit 3; ok=; '
-    'for root in "$@"; do case "$r/" in "$root"/*) ok=1;; esac; done; [ -n "$ok" ] || exit 6; '
-    "f=$r; fi; "
-    '[ -f "$f" ] || exit 4; '
-    'n=$(wc -c < "$f"); [ "$n" -le "$max" ] || { echo "$n"; exit 5; }; exec cat -- "$f"'
-)
-_WRITE_FILE_SCRIPT = (
-    'd=$(dirname -- "$1"); mkdir -p -- "$d" && cat > "$1" && { [ -z "$2" ] || chmod "$2" "$1"; }'
-)
 
 
 def _user_ids(user: str) -> tuple[str, str]:
@@ -124,7 +112,7 @@ class _HijackedExec:
             self._raw.close()
 
 
-class DockerSandbox:
+class DockerSandbox(ShellSandbox):
     """A running session container."""
 
     def __init__(self, backend: DockerBackend, container_id: str, name: str, user: str) -> None:
@@ -132,27 +120,19 @@ class DockerSandbox:
         self.container_id = container_id
         self._name = name
         self.user = user
-        self._shell = PersistentShell(self._open_shell_channel, self._kill_tree)
+        super().__init__()
 
     @property
     def id(self) -> str:
         return self._name
 
+    def rename(self, name: str) -> None:
+        self._name = name
+
     async def _open_shell_channel(self) -> _HijackedExec:
         return await self._backend.open_exec(
             self.container_id, ["sh", "-c", SHELL_LAUNCHER], user=self.user, workdir=WORKSPACE
         )
-
-    async def _kill_tree(self, pid: int) -> None:
-        await self.exec(["sh", "-c", KILL_TREE_SCRIPT, "sh", str(pid)], timeout=15)
-
-    async def run_shell(
-        self, command: str, *, timeout: float, output_limit: int = 100 * 1024
-    ) -> ShellResult:
-        return await self._shell.run(command, timeout=timeout, output_limit=output_limit)
-
-    async def restart_shell(self) -> None:
-        await self._shell.restart()
 
     async def exec(
         self,
@@ -191,38 +171,6 @@ class DockerSandbox:
             await channel.aclose()
         exit_code = await self._backend.exec_exit_code(channel.exec_id)
         return ExecResult(exit_code=exit_code, stdout=bytes(out), stderr=bytes(err))
-
-    async def read_file(self, path: str, *, max_bytes: int, roots: Sequence[str] = ()) -> bytes:
-        result = await self.exec(
-            ["sh", "-c", _READ_FILE_SCRIPT, "sh", path, str(max_bytes), *roots],
-            max_output=max_bytes + 4096,
-        )
-        if result.exit_code == 0:
-            return result.stdout
-        reasons = {
-            3: "no such file",
-            4: "not a regular file",
-            5: f"file is {result.stdout.decode().strip()} bytes, over the {max_bytes}-byte limit",
-            6: "resolves (through a symlink) outside the allowed directories " + ", ".join(roots),
-        }
-        reason = reasons.get(result.exit_code) or result.stderr.decode(errors="replace").strip()
-        msg = f"{path}: {reason or f'cannot read (exit {result.exit_code})'}"
-        raise SandboxPathError(msg, op="read_file")
-
-    async def write_file(
-        self, path: str, data: bytes, *, user: str | None = None, mode: int | None = None
-    ) -> None:
-        mode_arg = f"{mode:o}" if mode is not None else ""
-        result = await self.exec(
-            ["sh", "-c", _WRITE_FILE_SCRIPT, "sh", path, mode_arg], user=user, stdin=data
-        )
-        if result.exit_code != 0:
-            reason = result.stderr.decode(errors="replace").strip() or f"exit {result.exit_code}"
-            msg = f"{path}: cannot write: {reason}"
-            raise SandboxPathError(msg, op="write_file")
-
-    async def aclose(self) -> None:
-        await self._shell.aclose()
 
 
 class DockerBackend:
@@ -280,6 +228,33 @@ class DockerBackend:
 
         return await self._call("image_present", check)
 
+    async def prepare_image(self, recipe: ImageRecipe) -> str:
+        from .images import build_environment_image
+
+        def build(client: docker.DockerClient) -> str:
+            return build_environment_image(
+                client,
+                base_image=recipe.base_image,
+                packages=recipe.packages,
+                dockerfile_extra=recipe.dockerfile,
+                network_mode=recipe.network or self._build_network_sync(client),
+                build_args=recipe.build_args,
+                ca_bundle=recipe.ca_bundle,
+            )
+
+        return await self._call("image.build", build, image=recipe.base_image)
+
+    @staticmethod
+    def _build_network_sync(client: docker.DockerClient) -> str | None:
+        """Builds need the network (package downloads) even when sessions get none.
+
+        Docker's default bridge does that; a daemon run without it (`--bridge=none`) gets the
+        host's network for build steps instead.
+        """
+        if client.networks.list(names=["bridge"]):
+            return None
+        return "host"
+
     async def create(self, spec: SandboxSpec) -> DockerSandbox:
         container_id = await self._call(
             "create", functools.partial(self._create_sync, spec), image=spec.image
@@ -313,17 +288,37 @@ class DockerBackend:
             **spec.env,
         }
         owned = f"uid={uid},gid={gid},mode=0755"
+        mounts = [Mount(target=WORKSPACE, source=volume, type="volume")]
+        command = IDLE_COMMAND
+        if spec.egress_socket_dir is not None:
+            # The only way out: a forwarder on 127.0.0.1:3128 to the server's proxy socket.
+            mounts += [
+                Mount(
+                    target=CONTAINER_SOCKET_DIR,
+                    source=spec.egress_socket_dir,
+                    type="bind",
+                    read_only=True,
+                ),
+                Mount(
+                    target=CONTAINER_FORWARDER_PATH,
+                    source=str(FORWARDER_PATH),
+                    type="bind",
+                    read_only=True,
+                ),
+            ]
+            command = container_command(CONTAINER_SOCKET_PATH)
+            env.update(proxy_env())
         try:
             container = client.containers.create(
                 spec.image,
-                command=["sh", "-c", "while :; do sleep 86400; done"],
+                command=command,
                 name=spec.name,
                 hostname="sandbox",
                 labels=dict(spec.labels),
                 environment=env,
                 user=spec.user,
                 working_dir=WORKSPACE,
-                mounts=[Mount(target=WORKSPACE, source=volume, type="volume")],
+                mounts=mounts,
                 tmpfs={
                     "/tmp": f"rw,nosuid,nodev,size={limits.tmp_bytes},mode=1777",
                     AGENT_HOME: f"rw,nosuid,nodev,size={limits.home_bytes},{owned}",
@@ -339,7 +334,7 @@ class DockerBackend:
                 mem_limit=limits.memory_bytes,
                 memswap_limit=limits.memory_bytes,
                 nano_cpus=int(limits.cpus * 1e9),
-                network_mode=self._network_sync(spec.network, client),
+                network_mode="none",
                 log_config=LogConfig(type="json-file", config={"max-size": "10m", "max-file": "3"}),
                 stdin_open=False,
                 tty=False,
@@ -350,28 +345,22 @@ class DockerBackend:
             raise
         return str(container.id)
 
-    @staticmethod
-    def _network_sync(network: str, client: docker.DockerClient) -> str:
-        """Map the spec's network to a Docker network: `egress` is a bridge without ICC."""
-        if network != "egress":
-            return network
-        import docker.errors
+    async def inspect(self, sandbox_id: str) -> SandboxInfo | None:
+        def find(client: docker.DockerClient) -> SandboxInfo | None:
+            import docker.errors
 
-        try:
-            client.networks.get(EGRESS_NETWORK)
-        except docker.errors.NotFound:
             try:
-                client.networks.create(
-                    EGRESS_NETWORK,
-                    driver="bridge",
-                    options={"com.docker.network.bridge.enable_icc": "false"},
-                    labels={"managed-agents-mcp": "1"},
-                )
-            except docker.errors.APIError as exc:
-                # Another process created it at the same moment.
-                if exc.status_code != 409:
-                    raise
-        return EGRESS_NETWORK
+                container = client.containers.get(sandbox_id)
+            except docker.errors.NotFound:
+                return None
+            return SandboxInfo(
+                id=str(container.name),
+                name=str(container.name),
+                labels=dict(container.labels),
+                running=container.status == "running",
+            )
+
+        return await self._call("inspect", find)
 
     async def attach(self, sandbox_id: str) -> DockerSandbox:
         def find(client: docker.DockerClient) -> tuple[str, str]:
@@ -418,14 +407,33 @@ class DockerBackend:
     def _remove_sync(name: str, client: docker.DockerClient) -> None:
         import docker.errors
 
+        volumes = {f"{name}-workspace"}
         try:
-            client.containers.get(name).remove(force=True)
+            container = client.containers.get(name)
+            # A pooled container was renamed: its volume still has the pool name.
+            volumes |= {
+                str(m["Name"])
+                for m in container.attrs.get("Mounts") or []
+                if m.get("Type") == "volume"
+            }
+            container.remove(force=True)
         except docker.errors.NotFound:
             pass
-        try:
-            client.volumes.get(f"{name}-workspace").remove(force=True)
-        except docker.errors.NotFound:
-            pass
+        for volume in volumes:
+            try:
+                client.volumes.get(volume).remove(force=True)
+            except docker.errors.NotFound:
+                pass
+
+    async def rename(self, sandbox: DockerSandbox, name: str) -> DockerSandbox:
+        """Give a running sandbox a new name (a warm-pool container handed to a session)."""
+
+        def rename(client: docker.DockerClient) -> None:
+            client.api.rename(sandbox.container_id, name)
+
+        await self._call("rename", rename)
+        sandbox.rename(name)
+        return sandbox
 
     async def open_exec(
         self, container_id: str, argv: Sequence[str], *, user: str, workdir: str

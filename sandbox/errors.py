@@ -7,7 +7,9 @@ Tree::
     ├── SandboxNotFound           the sandbox (container) no longer exists
     ├── ImageNotFound             the configured image is not present
     ├── SandboxExecError          a command could not be started or its channel broke
-    └── SandboxPathError          a path is invalid or escapes the allowed roots
+    ├── SandboxPathError          a path is invalid or escapes the allowed roots
+    └── ImageBuildError           building an image failed
+        └── EnvironmentBuildError an environment image step failed (names it, shows output)
 """
 
 from __future__ import annotations
@@ -56,6 +58,18 @@ class SandboxPathError(SandboxError, ValueError):
     """A path is malformed or outside the roots the caller may touch."""
 
     code = "sandbox_path_error"
+
+
+class ImageBuildError(SandboxError):
+    """Building an image failed."""
+
+    code = "image_build_error"
+
+
+class EnvironmentBuildError(ImageBuildError):
+    """An environment image failed to build; the message names the step and its last lines."""
+
+    code = "environment_build_error"
 
 
 @contextlib.contextmanager

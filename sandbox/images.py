@@ -9,11 +9,15 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .base import AGENT_HOME, DEFAULT_PATH, OUTPUTS_DIR, UPLOADS_DIR, WORKSPACE
-from .errors import SandboxError, map_docker_errors
+from .errors import EnvironmentBuildError, ImageBuildError, map_docker_errors
+
+if TYPE_CHECKING:
+    import docker
 
 logger = logging.getLogger(__name__)
 
@@ -44,12 +48,6 @@ IMAGE_CHANGES = (
     "ENV LANG=C.UTF-8",
     'CMD ["sleep", "infinity"]',
 )
-
-
-class ImageBuildError(SandboxError):
-    """Building the sandbox image failed."""
-
-    code = "image_build_error"
 
 
 def default_cache_dir() -> Path:
@@ -187,3 +185,196 @@ def build_from_dockerfile(tag: str = DEFAULT_IMAGE, *, docker_host: str | None =
         finally:
             client.close()
     return tag
+
+
+# ------------------------------------------------------------------ environment images
+
+INSTALL_ORDER = ("apt", "cargo", "gem", "go", "npm", "pip")
+"""The API's order: package managers run alphabetically."""
+DERIVED_REPOSITORY = "managed-agents-env"
+BUILDER_VERSION = "1"
+
+
+def _install_command(manager: str, specs: Sequence[str]) -> str:
+    """One shell command installing `specs` with `manager` (every spec shell-quoted)."""
+    import shlex
+
+    quoted = " ".join(shlex.quote(s) for s in specs)
+    if manager == "apt":
+        return (
+            "apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "
+            f"--no-install-recommends {quoted} && rm -rf /var/lib/apt/lists/*"
+        )
+    if manager == "cargo":
+        parts = []
+        for spec in specs:
+            name, _, version = spec.partition("@")
+            pin = f" --version {shlex.quote(version)}" if version else ""
+            parts.append(f"cargo install --root /usr/local {shlex.quote(name)}{pin}")
+        return " && ".join(parts)
+    if manager == "gem":
+        parts = []
+        for spec in specs:
+            name, _, version = spec.partition(":")
+            pin = f" -v {shlex.quote(version)}" if version else ""
+            parts.append(f"gem install --no-document {shlex.quote(name)}{pin}")
+        return " && ".join(parts)
+    if manager == "go":
+        return " && ".join(
+            f"GOBIN=/usr/local/bin go install {shlex.quote(s if '@' in s else s + '@latest')}"
+            for s in specs
+        )
+    if manager == "npm":
+        return f"npm install -g --no-fund --no-audit {quoted}"
+    if manager == "pip":
+        return (
+            "python3 -m pip install --no-cache-dir --break-system-packages "
+            f"--root-user-action=ignore {quoted}"
+        )
+    msg = f"unknown package manager {manager!r}"
+    raise ValueError(msg)
+
+
+CA_PATH = "/usr/local/share/ca-certificates/managed-agents-extra.crt"
+
+
+def environment_dockerfile(
+    base_image: str,
+    packages: Mapping[str, Sequence[str]],
+    *,
+    extra: str | None = None,
+    build_args: Sequence[str] = (),
+    ca_bundle: bool = False,
+) -> str:
+    """The Dockerfile of an environment image: base, optional user steps, then packages.
+
+    Each manager gets its own RUN step (so a failure names it) and a marker echo naming the
+    manager, which `EnvironmentBuildError` messages use. `build_args` are declared as ARG so
+    the operator's index and proxy settings reach the installers without being kept in the
+    image; with `ca_bundle`, the build context's `ca.crt` is trusted by the image.
+    """
+    lines = [f"FROM {base_image}", "USER root"]
+    lines += [f"ARG {name}" for name in build_args]
+    if ca_bundle:
+        lines += [
+            f"COPY ca.crt {CA_PATH}",
+            "RUN (update-ca-certificates >/dev/null 2>&1 || true) && "
+            f"cat {CA_PATH} >> /etc/ssl/certs/ca-certificates.crt",
+            f"ENV NODE_EXTRA_CA_CERTS={CA_PATH}",
+        ]
+    if extra:
+        lines.append(extra.strip())
+    for manager in INSTALL_ORDER:
+        specs = list(packages.get(manager) or [])
+        if specs:
+            lines.append(
+                f'RUN echo "### installing {manager}: {" ".join(specs)}" && '
+                + _install_command(manager, specs)
+            )
+    lines += [
+        "RUN mkdir -p /workspace /mnt/session/uploads /mnt/session/outputs /home/agent "
+        "&& chown 1000:1000 /workspace /mnt/session/outputs /home/agent",
+        "USER 1000:1000",
+        "WORKDIR /workspace",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def environment_image_tag(base_image_id: str, dockerfile: str) -> str:
+    """Content-addressed tag: the same base and recipe always give the same tag."""
+    digest = hashlib.sha256(
+        f"{BUILDER_VERSION}\n{base_image_id}\n{dockerfile}".encode()
+    ).hexdigest()
+    return f"{DERIVED_REPOSITORY}:{digest[:16]}"
+
+
+def build_environment_image(
+    client: docker.DockerClient,
+    *,
+    base_image: str,
+    packages: Mapping[str, Sequence[str]],
+    dockerfile_extra: str | None = None,
+    network_mode: str | None = None,
+    build_args: Mapping[str, str] | None = None,
+    ca_bundle: bytes | None = None,
+) -> str:
+    """Build (or reuse) the image for an environment; blocking. Returns its tag.
+
+    `build_args` (index URLs, proxies) are not part of the content hash: they change where
+    packages come from, not what the image holds.
+
+    Raises:
+        ImageNotFound: the base image is missing.
+        EnvironmentBuildError: a step failed (message names the package manager and packages,
+            with the installer's last output lines).
+    """
+    import io
+
+    import docker.errors
+
+    with map_docker_errors("image.build", image=base_image):
+        base_id = str(client.images.get(base_image).id)
+    args = dict(build_args or {})
+    dockerfile = environment_dockerfile(
+        base_image,
+        packages,
+        extra=dockerfile_extra,
+        build_args=sorted(args),
+        ca_bundle=ca_bundle is not None,
+    )
+    key_source = dockerfile + (hashlib.sha256(ca_bundle).hexdigest() if ca_bundle else "")
+    tag = environment_image_tag(base_id, key_source)
+    try:
+        client.images.get(tag)
+        return tag
+    except docker.errors.ImageNotFound:
+        pass
+    output: list[str] = []
+    try:
+        context = io.BytesIO()
+        with tarfile.open(fileobj=context, mode="w") as tar:
+            for name, data in (("Dockerfile", dockerfile.encode()), ("ca.crt", ca_bundle)):
+                if data is None:
+                    continue
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        context.seek(0)
+        stream = client.api.build(
+            fileobj=context,
+            custom_context=True,
+            buildargs=args,
+            tag=tag,
+            rm=True,
+            forcerm=True,
+            pull=False,
+            decode=True,
+            network_mode=network_mode,
+            labels={"managed-agents-mcp": "1"},
+        )
+        for chunk in stream:
+            if "stream" in chunk:
+                output.extend(str(chunk["stream"]).splitlines())
+            if "error" in chunk:
+                raise EnvironmentBuildError(
+                    _describe_failure(str(chunk["error"]), output), op="image.build"
+                )
+    except docker.errors.APIError as exc:
+        raise EnvironmentBuildError(
+            _describe_failure(str(exc.explanation or exc), output), op="image.build"
+        ) from exc
+    return tag
+
+
+def _describe_failure(error: str, output: Sequence[str]) -> str:
+    step = next(
+        (
+            line.split("### installing ", 1)[1]
+            for line in reversed(output)
+            if "### installing" in line
+        ),
+        None,
+    )
+    tail = "\n".join(line for line in output[-12:] if line.strip())
+    where = f"installing {step}" if step else "building the environment image"
+    return f"{where} failed: {error.strip()}\n--- last output lines ---\n{tail}"

@@ -7,16 +7,18 @@ carries the exit status and working directory back.
 
 from __future__ import annotations
 
+import abc
 import base64
 import logging
 import re
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 import anyio
 
-from .base import ShellResult
+from . import file_ops
+from .base import ExecResult, ShellResult
 from .errors import SandboxError, SandboxExecError
 
 logger = logging.getLogger(__name__)
@@ -43,16 +45,17 @@ class ByteChannel(Protocol):
 ChannelOpener = Callable[[], Awaitable[ByteChannel]]
 """Opens a new channel running `sh` as the sandbox user in the workspace."""
 
-KillTree = Callable[[int], Awaitable[None]]
-"""Kills every descendant of the given in-sandbox pid (not the pid itself)."""
+KillTree = Callable[[int, bool], Awaitable[None]]
+"""Kills every descendant of the given in-sandbox pid, and the pid itself when told to."""
 
 SHELL_LAUNCHER = (
     "if command -v bash >/dev/null 2>&1; then exec bash --noprofile --norc; else exec sh; fi"
 )
 """Passed as `sh -c` argv (not on stdin): prefer bash, whose `eval` survives syntax errors."""
 
-# Runs inside the sandbox as the sandbox user: SIGSTOP the whole subtree first so nothing can fork
-# away while it is being collected, then SIGKILL it. Uses /proc/N/status rather than /proc/N/stat
+# Runs inside the sandbox as the sandbox user ($1 the shell's pid, $2 "1" to kill it too):
+# SIGSTOP the whole subtree first so nothing can fork away while it is being collected, then
+# SIGKILL it. Uses /proc/N/status rather than /proc/N/stat
 # because a command name with spaces would shift the stat fields.
 KILL_TREE_SCRIPT = r"""
 root=$1
@@ -72,6 +75,7 @@ for pass in 1 2; do
   kill -STOP $pids 2>/dev/null
   kill -KILL $pids 2>/dev/null
 done
+if [ "$2" = 1 ]; then kill -KILL "$root" 2>/dev/null; fi
 exit 0
 """
 
@@ -188,7 +192,8 @@ class PersistentShell:
         try:
             if pid is not None:
                 with anyio.CancelScope(shield=True), anyio.move_on_after(10):
-                    await self._kill_tree(pid)
+                    # The shell too: a replaced shell stuck in a builtin loop would spin forever.
+                    await self._kill_tree(pid, True)
         except SandboxError as exc:
             # The sandbox may be gone already; the channel must be closed all the same.
             logger.debug("could not kill the shell's processes: %s", exc)
@@ -254,7 +259,7 @@ class PersistentShell:
         if self._channel is None or self._pid is None:
             return False
         with anyio.move_on_after(10):
-            await self._kill_tree(self._pid)
+            await self._kill_tree(self._pid, False)
         with anyio.move_on_after(5):
             if await self._read_until(marker, buffer):
                 return True
@@ -309,3 +314,50 @@ def _quote(value: str | None) -> str:
     if not value:
         return "/workspace"
     return "'" + value.replace("'", "'\"'\"'") + "'"
+
+
+class ShellSandbox(abc.ABC):
+    """Sandbox operations every backend builds the same way on its one-shot `exec` and a
+    channel to a long-lived `sh` (internal base class; backends provide the two primitives)."""
+
+    def __init__(self) -> None:
+        self._shell = PersistentShell(self._open_shell_channel, self._kill_tree)
+
+    @abc.abstractmethod
+    async def _open_shell_channel(self) -> ByteChannel:
+        """A channel to a new `sh -c SHELL_LAUNCHER` running as the sandbox user."""
+
+    @abc.abstractmethod
+    async def exec(
+        self,
+        argv: Sequence[str],
+        *,
+        user: str | None = None,
+        stdin: bytes | None = None,
+        timeout: float = 60.0,
+        max_output: int = 64 << 20,
+    ) -> ExecResult:
+        """See `Sandbox.exec`."""
+
+    async def _kill_tree(self, pid: int, include_self: bool = False) -> None:
+        flag = "1" if include_self else "0"
+        await self.exec(["sh", "-c", KILL_TREE_SCRIPT, "sh", str(pid), flag], timeout=15)
+
+    async def run_shell(
+        self, command: str, *, timeout: float, output_limit: int = 100 * 1024
+    ) -> ShellResult:
+        return await self._shell.run(command, timeout=timeout, output_limit=output_limit)
+
+    async def restart_shell(self) -> None:
+        await self._shell.restart()
+
+    async def read_file(self, path: str, *, max_bytes: int, roots: Sequence[str] = ()) -> bytes:
+        return await file_ops.read_file(self.exec, path, max_bytes=max_bytes, roots=roots)
+
+    async def write_file(
+        self, path: str, data: bytes, *, user: str | None = None, mode: int | None = None
+    ) -> None:
+        await file_ops.write_file(self.exec, path, data, user=user, mode=mode)
+
+    async def aclose(self) -> None:
+        await self._shell.aclose()

@@ -63,9 +63,9 @@ async def open_services(
     from server.runner.supervisor import Supervisor
 
     if backend is None:
-        from sandbox.docker import DockerBackend
+        from sandbox.auto import make_backend
 
-        backend = DockerBackend(settings.docker_host)
+        backend = make_backend(settings.sandbox, docker_host=settings.docker_host)  # type: ignore[arg-type]
     if model is None:
         from server.runner.model import AnthropicModelClient
 
@@ -79,11 +79,11 @@ async def open_services(
         bus = ChangeBus()
         store = SessionStore(db, bus)
         agents = AgentService(db)
-        environments = EnvironmentService(db)
         files = FileService(
             db, BlobStore(settings.home / "blobs"), max_upload_bytes=settings.max_upload_bytes
         )
         supervisor = Supervisor(store, instances, backend, model, settings, files)
+        environments = EnvironmentService(db, on_change=supervisor.prepare_environment)
         resources = ResourceService(store, files, supervisor)
         sessions = SessionService(store, agents, environments, instances, supervisor, resources)
         async with supervisor:

@@ -89,37 +89,58 @@ def _doctor() -> int:
     settings = Settings.from_env()
     checks: list[tuple[bool, str, str]] = []
 
-    async def docker_checks() -> None:
+    async def sandbox_checks() -> None:
+        from sandbox.bubblewrap import BubblewrapBackend
         from sandbox.docker import DockerBackend
         from sandbox.errors import SandboxError
 
-        backend = DockerBackend(settings.docker_host)
-        try:
-            version = await backend.ping()
-        except SandboxError as exc:
-            checks.append(
-                (False, f"docker: {exc}", "start Docker, or set DOCKER_HOST to a running daemon")
+        docker_problem = bwrap_problem = None
+        if settings.sandbox in ("auto", "docker"):
+            backend = DockerBackend(settings.docker_host)
+            try:
+                version = await backend.ping()
+                where = settings.docker_host or "default socket"
+                checks.append((True, f"sandbox: {version} at {where}", ""))
+                present = await backend.image_present(settings.image)
+                checks.append(
+                    (
+                        present,
+                        f"image {settings.image}: {'present' if present else 'missing'}",
+                        "run `managed-agents-mcp image build` (no registry: `image build "
+                        "--offline`), or set MANAGED_AGENTS_IMAGE",
+                    )
+                )
+                return
+            except SandboxError as exc:
+                docker_problem = str(exc)
+            finally:
+                await backend.aclose()
+        if settings.sandbox in ("auto", "bubblewrap"):
+            try:
+                version = await BubblewrapBackend().ping()
+                note = f" (Docker: {docker_problem})" if docker_problem else ""
+                checks.append((True, f"sandbox: {version}{note}", ""))
+                return
+            except SandboxError as exc:
+                bwrap_problem = str(exc)
+        problems = "; ".join(
+            p
+            for p in (
+                f"docker: {docker_problem}" if docker_problem else None,
+                f"bubblewrap: {bwrap_problem}" if bwrap_problem else None,
             )
-            checks.append(
-                (False, f"image {settings.image}: not checked (no Docker)", "fix Docker first")
-            )
-            return
-        where = settings.docker_host or "default socket"
-        checks.append((True, f"docker: {version} at {where}", ""))
-        try:
-            present = await backend.image_present(settings.image)
-        finally:
-            await backend.aclose()
+            if p
+        )
         checks.append(
             (
-                present,
-                f"image {settings.image}: {'present' if present else 'missing'}",
-                "run `managed-agents-mcp image build` (no registry: `image build --offline`), "
-                "or set MANAGED_AGENTS_IMAGE",
+                False,
+                f"sandbox ({settings.sandbox}): {problems}",
+                "start Docker or set DOCKER_HOST (or install bubblewrap and run as root); "
+                "MANAGED_AGENTS_SANDBOX picks the backend",
             )
         )
 
-    anyio.run(docker_checks)
+    anyio.run(sandbox_checks)
     if settings.anthropic_api_key:
         target = settings.anthropic_base_url or "https://api.anthropic.com"
         checks.append((True, f"model API: key set, base URL {target}", ""))

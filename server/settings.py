@@ -1,19 +1,7 @@
-"""Server settings, read once from the environment.
+"""Server settings, read once from the environment (`Settings.from_env`).
 
-| variable | default | meaning |
-|---|---|---|
-| `MANAGED_AGENTS_HOME` | `~/.local/share/managed-agents-mcp` (see `default_home`) | data dir |
-| `MANAGED_AGENTS_IMAGE` | `managed-agents-sandbox:latest` | image for session containers |
-| `DOCKER_HOST` | docker's default socket | Docker daemon to use |
-| `ANTHROPIC_API_KEY`, `ANTHROPIC_BASE_URL` | — | passed to the anthropic SDK |
-| `MANAGED_AGENTS_MAX_TOKENS` | 16000 | `max_tokens` of each model request |
-| `MANAGED_AGENTS_MODEL_RETRIES` | 4 | retries of an overloaded/rate-limited model request |
-| `MANAGED_AGENTS_RETRY_DELAY` | 1.0 | first retry delay in seconds (doubles each time) |
-| `MANAGED_AGENTS_MAX_MODEL_REQUESTS` | 200 | model requests per turn before the turn is stopped |
-| `MANAGED_AGENTS_MEMORY_MB`, `_CPUS`, `_PIDS` | 2048, 2, 512 | default container limits |
-| `MANAGED_AGENTS_MAX_UPLOAD_MB` | 500 | largest file `upload_file` accepts |
-
-Empty values count as unset (MCPB hosts substitute empty strings for blank optional fields).
+The variables and their defaults are listed in the README's Configuration section. Empty values
+count as unset (MCPB hosts substitute empty strings for blank optional fields).
 """
 
 from __future__ import annotations
@@ -44,6 +32,62 @@ def _number(env: Mapping[str, str], name: str, default: float) -> float:
         raise SystemExit(msg) from None
 
 
+BUILD_PASSTHROUGH = (
+    "PIP_INDEX_URL",
+    "PIP_EXTRA_INDEX_URL",
+    "PIP_TRUSTED_HOST",
+    "NPM_CONFIG_REGISTRY",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "NO_PROXY",
+    "http_proxy",
+    "https_proxy",
+    "no_proxy",
+)
+
+
+def _choice(env: Mapping[str, str], name: str, allowed: tuple[str, ...]) -> str:
+    value = _get(env, name) or allowed[0]
+    if value not in allowed:
+        msg = f"{name}={value!r}: use one of {', '.join(allowed)}"
+        raise SystemExit(msg)
+    return value
+
+
+def _pairs(env: Mapping[str, str], name: str) -> dict[str, str]:
+    """`a=1.2.3.4,b=5.6.7.8` as a dict."""
+    value = _get(env, name)
+    if value is None:
+        return {}
+    pairs = {}
+    for item in value.split(","):
+        key, sep, address = item.strip().partition("=")
+        if not sep or not key or not address:
+            msg = f"{name}: {item!r} is not name=address"
+            raise SystemExit(msg)
+        pairs[key.strip()] = address.strip()
+    return pairs
+
+
+def _build_network(value: str | None) -> str | None:
+    if value in (None, "auto"):
+        return None
+    if value not in ("host", "bridge", "none"):
+        msg = f"MANAGED_AGENTS_BUILD_NETWORK={value!r}: use auto, host, bridge or none"
+        raise SystemExit(msg)
+    return value
+
+
+def _read_ca_bundle(path: str | None) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return Path(path).expanduser().read_bytes()
+    except OSError as exc:
+        msg = f"MANAGED_AGENTS_CA_BUNDLE={path!r} cannot be read: {exc.strerror}"
+        raise SystemExit(msg) from exc
+
+
 def default_home() -> Path:
     if sys.platform == "darwin":
         base = Path.home() / "Library" / "Application Support"
@@ -58,6 +102,8 @@ class Settings:
 
     home: Path = field(default_factory=default_home)
     image: str = DEFAULT_IMAGE
+    sandbox: str = "auto"
+    """`docker`, `bubblewrap` or `auto` (Docker when it answers, else bubblewrap)."""
     docker_host: str | None = None
     anthropic_api_key: str | None = None
     anthropic_base_url: str | None = None
@@ -67,6 +113,15 @@ class Settings:
     max_model_requests: int = 200
     max_tool_timeout: float = 600.0
     max_upload_bytes: int = 500 << 20
+    build_network: str | None = None
+    """Network for image builds (None: the backend's choice)."""
+    build_args: Mapping[str, str] = field(default_factory=dict)
+    """Environment passed to image builds only (package indexes, proxies)."""
+    ca_bundle: bytes | None = None
+    warm_pool: int = 1
+    """Ready containers kept per environment recipe (0 turns the pool off)."""
+    egress_hosts: Mapping[str, str] = field(default_factory=dict)
+    """Names the egress proxy resolves to fixed addresses before asking DNS."""
     limits: Limits = field(default_factory=lambda: Limits(memory_bytes=2048 << 20, pids=512))
     poll_interval: float = 0.1
     """How often other processes' writes to the shared database are looked for."""
@@ -83,6 +138,7 @@ class Settings:
         settings = cls(
             home=Path(home).expanduser() if home else default_home(),
             image=_get(env, "MANAGED_AGENTS_IMAGE") or DEFAULT_IMAGE,
+            sandbox=_choice(env, "MANAGED_AGENTS_SANDBOX", ("auto", "docker", "bubblewrap")),
             docker_host=_get(env, "DOCKER_HOST"),
             anthropic_api_key=_get(env, "ANTHROPIC_API_KEY"),
             anthropic_base_url=_get(env, "ANTHROPIC_BASE_URL"),
@@ -91,6 +147,11 @@ class Settings:
             retry_delay=_number(env, "MANAGED_AGENTS_RETRY_DELAY", 1.0),
             max_model_requests=int(_number(env, "MANAGED_AGENTS_MAX_MODEL_REQUESTS", 200)),
             max_upload_bytes=int(_number(env, "MANAGED_AGENTS_MAX_UPLOAD_MB", 500) * (1 << 20)),
+            build_network=_build_network(_get(env, "MANAGED_AGENTS_BUILD_NETWORK")),
+            build_args={k: v for k in BUILD_PASSTHROUGH if (v := _get(env, k) or "")},
+            ca_bundle=_read_ca_bundle(_get(env, "MANAGED_AGENTS_CA_BUNDLE")),
+            warm_pool=int(_number(env, "MANAGED_AGENTS_WARM_POOL", 1)),
+            egress_hosts=_pairs(env, "MANAGED_AGENTS_EGRESS_HOSTS"),
             limits=limits,
         )
         return replace(settings, **overrides) if overrides else settings  # type: ignore[arg-type]

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import os
+import tempfile
+import warnings
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -21,16 +24,24 @@ from server.settings import Settings
 from tests.fakes.messages_api import FakeMessagesAPI
 
 REQUIRE_DOCKER = os.environ.get("REQUIRE_DOCKER") == "1"
+REQUIRE_BWRAP = os.environ.get("REQUIRE_BWRAP") == "1"
 IMAGE = os.environ.get("MANAGED_AGENTS_IMAGE") or DEFAULT_IMAGE
 
 
 def _docker_problem() -> str | None:
     """Why Docker tests cannot run here, or None when they can."""
-    try:
-        import docker
-        import docker.errors
+    import docker
+    import docker.errors
 
-        client = docker.from_env(timeout=10)
+    try:
+        # docker-py leaves its probe socket open when no daemon answers; collect it here so the
+        # warnings-as-errors setting does not turn a skip into an error.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ResourceWarning)
+            try:
+                client = docker.from_env(timeout=10)
+            finally:
+                gc.collect()
     except Exception as exc:
         return f"no Docker daemon answers ({type(exc).__name__}: {exc}); set DOCKER_HOST"
     try:
@@ -55,11 +66,41 @@ def docker_ready() -> None:
     pytest.skip(problem)
 
 
+def _bwrap_problem() -> str | None:
+    """Why bubblewrap tests cannot run here, or None when they can."""
+    import anyio
+
+    from sandbox.bubblewrap import BubblewrapBackend
+    from sandbox.errors import SandboxUnavailable
+
+    async def probe() -> str | None:
+        try:
+            await BubblewrapBackend(Path(tempfile.gettempdir()) / "ma-bwrap-probe").ping()
+        except SandboxUnavailable as exc:
+            return str(exc)
+        return None
+
+    return anyio.run(probe)
+
+
+@pytest.fixture(scope="session")
+def bwrap_ready() -> None:
+    problem = _bwrap_problem()
+    if problem is None:
+        return
+    if REQUIRE_BWRAP:
+        pytest.fail(f"REQUIRE_BWRAP=1 but {problem}")
+    pytest.skip(problem)
+
+
 @pytest.fixture(autouse=True)
-def _docker_gate(request: pytest.FixtureRequest) -> None:
-    """Tests marked `docker` skip without a daemon, or fail under REQUIRE_DOCKER=1."""
+def _backend_gate(request: pytest.FixtureRequest) -> None:
+    """Tests marked `docker` / `bubblewrap` skip when that backend is missing, or fail under
+    REQUIRE_DOCKER=1 / REQUIRE_BWRAP=1."""
     if request.node.get_closest_marker("docker") is not None:
         request.getfixturevalue("docker_ready")
+    if request.node.get_closest_marker("bubblewrap") is not None:
+        request.getfixturevalue("bwrap_ready")
 
 
 def home_label(home: Path) -> str:
@@ -102,7 +143,7 @@ def fake_api() -> Iterator[FakeMessagesAPI]:
 
 @pytest.fixture
 def settings(home: Path) -> Settings:
-    return Settings(home=home, image=IMAGE, retry_delay=0.01, poll_interval=0.05)
+    return Settings(home=home, image=IMAGE, retry_delay=0.01, poll_interval=0.05, warm_pool=0)
 
 
 def model_for(fake: FakeMessagesAPI) -> AnthropicModelClient:

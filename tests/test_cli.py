@@ -57,18 +57,18 @@ def test_doctor_names_each_failure_and_how_to_fix_it(tmp_path: Path) -> None:
     result = run_doctor(
         {
             "DOCKER_HOST": f"unix://{tmp_path}/no-such.sock",
+            "MANAGED_AGENTS_SANDBOX": "docker",
             "MANAGED_AGENTS_HOME": str(blocked / "home"),
             "HOME": str(tmp_path),
         }
     )
     assert result.returncode == 1
     lines = result.stdout.splitlines()
-    assert len(lines) == 4
+    assert len(lines) == 3
     assert all(line.startswith("FAIL") for line in lines)
     assert "fix: start Docker" in lines[0]
-    assert "fix Docker first" in lines[1]
-    assert "ANTHROPIC_API_KEY" in lines[2]
-    assert "MANAGED_AGENTS_HOME" in lines[3]
+    assert "ANTHROPIC_API_KEY" in lines[1]
+    assert "MANAGED_AGENTS_HOME" in lines[2]
     assert "Traceback" not in result.stdout + result.stderr
 
 

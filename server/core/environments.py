@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Callable
 
 from .clock import now
 from .errors import ConflictError, NotFoundError
@@ -32,10 +33,19 @@ def _name_taken(name: str) -> ConflictError:
 
 
 class EnvironmentService:
-    """Create, read, update, list, archive and delete environments."""
+    """Create, read, update, list, archive and delete environments.
 
-    def __init__(self, db: Database) -> None:
+    `on_change` is told about every created or reconfigured environment (the runtime starts
+    building its image then).
+    """
+
+    def __init__(self, db: Database, on_change: Callable[[Json], None] | None = None) -> None:
         self._db = db
+        self._on_change = on_change
+
+    def _changed(self, environment: Json) -> None:
+        if self._on_change is not None:
+            self._on_change(environment)
 
     async def create(self, params: EnvironmentCreateParams) -> Json:
         stamp = now()
@@ -62,6 +72,7 @@ class EnvironmentService:
                 raise _name_taken(params.name) from exc
 
         await self._db.write(insert)
+        self._changed(environment)
         return environment
 
     async def retrieve(self, environment_id: str) -> Json:
@@ -120,7 +131,9 @@ class EnvironmentService:
                 raise _name_taken(merged["name"]) from exc
             return merged
 
-        return await self._db.write(apply)
+        updated = await self._db.write(apply)
+        self._changed(updated)
+        return updated
 
     async def list(
         self,

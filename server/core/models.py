@@ -292,14 +292,50 @@ class LimitedNetwork(_Params):
 NetworkingParam = Annotated[UnrestrictedNetwork | LimitedNetwork, Field(discriminator="type")]
 
 
+class EnvironmentLimits(_Params):
+    """Resource limits of each session container (local extension; server defaults apply)."""
+
+    memory_mb: Annotated[int, Field(ge=64, le=262_144)] | None = None
+    cpus: Annotated[float, Field(gt=0, le=256)] | None = None
+    pids: Annotated[int, Field(ge=16, le=1_000_000)] | None = None
+    tmp_mb: Annotated[int, Field(ge=1, le=262_144)] | None = None
+    """Size of the /tmp tmpfs."""
+    outputs_mb: Annotated[int, Field(ge=1, le=262_144)] | None = None
+    """Size of the /mnt/session/outputs tmpfs."""
+    command_timeout_s: Annotated[float, Field(gt=0, le=86_400)] | None = None
+    """Longest a single bash command may run (the model may ask for less)."""
+    turn_timeout_s: Annotated[float, Field(gt=0, le=604_800)] | None = None
+    """Longest a turn may run before it is stopped (wall clock)."""
+
+
 class CloudConfig(_Params):
-    """How session containers of this environment are built and networked."""
+    """How session containers of this environment are built and networked.
+
+    `image`, `dockerfile` and `limits` are local extensions of this server (the hosted API has
+    no such fields): a base image instead of the default sandbox image, Dockerfile instructions
+    applied before the packages, and per-container limits.
+    """
 
     type: Literal["cloud"] = "cloud"
     packages: Packages | None = None
     networking: NetworkingParam = Field(
         default_factory=lambda: UnrestrictedNetwork(type="unrestricted")
     )
+    image: Annotated[str, Field(min_length=1, max_length=512)] | None = None
+    """Local extension: the base image (default: the server's sandbox image)."""
+    dockerfile: Annotated[str, Field(min_length=1, max_length=65_536)] | None = None
+    """Local extension: Dockerfile instructions run (as root) on top of the base image before
+    the packages, e.g. `RUN apt-get update && apt-get install -y jq`. May not contain FROM."""
+    limits: EnvironmentLimits | None = None
+    """Local extension: limits of each session container."""
+
+    @field_validator("dockerfile")
+    @classmethod
+    def _no_from(cls, value: str | None) -> str | None:
+        if value and re.search(r"(?im)^\s*FROM\s", value):
+            msg = "dockerfile must not contain FROM; name the base image in `image` instead"
+            raise ValueError(msg)
+        return value
 
 
 class EnvironmentCreateParams(_Params):

@@ -17,6 +17,7 @@ from typing import Any, Literal, Protocol
 
 import anyio
 
+from sandbox.errors import SandboxNotFound
 from server.core.actions import outstanding_actions
 from server.core.files import FileService
 from server.core.session_store import SessionStore
@@ -48,6 +49,14 @@ class SandboxAccess(Protocol):
 
     async def collect_outputs(self, session_id: str) -> list[tuple[str, bytes]]:
         """Files under /mnt/session/outputs/ as (relative path, bytes)."""
+        ...
+
+    async def turn_timeout(self, session_id: str) -> float | None:
+        """The environment's wall-clock limit for one turn, if any."""
+        ...
+
+    async def forget(self, session_id: str) -> None:
+        """Drop a sandbox handle that stopped working; the next use re-attaches."""
         ...
 
 
@@ -204,17 +213,22 @@ class TurnRunner:
         await self._store.append(session_id, [{"type": "session.status_running"}], status="running")
         end = TurnEnd({"type": "end_turn"})
         outcome = "finished"
+        limit = await self._sandboxes.turn_timeout(session_id)
+        turn_scope = anyio.CancelScope()
         try:
-            with anyio.CancelScope() as turn_scope:
-                async with anyio.create_task_group() as watchers:
-                    watchers.start_soon(self._watch_for_interrupt, session_id, turn_scope)
-                    try:
-                        end = await self._loop(session_id)
-                    except TurnFailed as failed:
-                        end = failed.end
-                    watchers.cancel_scope.cancel()
+            with anyio.move_on_after(limit if limit else float("inf")) as deadline:
+                with turn_scope:
+                    async with anyio.create_task_group() as watchers:
+                        watchers.start_soon(self._watch_for_interrupt, session_id, turn_scope)
+                        try:
+                            end = await self._loop(session_id)
+                        except TurnFailed as failed:
+                            end = failed.end
+                        watchers.cancel_scope.cancel()
             if turn_scope.cancelled_caught:
                 outcome = "interrupted"
+            elif deadline.cancelled_caught:
+                outcome = "timed_out"
         except anyio.get_cancelled_exc_class():
             outcome = "shutdown"
             raise
@@ -233,6 +247,7 @@ class TurnRunner:
                 "interrupted": "Interrupted by the user.",
                 "shutdown": "The server shut down before this tool call finished.",
                 "crashed": "The tool call was abandoned because the turn failed.",
+                "timed_out": "Stopped: the turn reached its time limit.",
             }[outcome]
             events = await self._store.events(session_id)
             answered = {e.get("tool_use_id") for e in events if e["type"] == "agent.tool_result"}
@@ -251,12 +266,13 @@ class TurnRunner:
             pending = await self._store.pending(session_id)
             processed = [e["id"] for e in pending if e["type"] == "user.interrupt"]
             end = TurnEnd({"type": "end_turn"})
-        elif outcome in ("shutdown", "crashed"):
-            message = (
-                "the server shut down during this turn; send a message to continue"
-                if outcome == "shutdown"
-                else "the turn failed unexpectedly; send a message to try again"
-            )
+        elif outcome in ("shutdown", "crashed", "timed_out"):
+            message = {
+                "shutdown": "the server shut down during this turn; send a message to continue",
+                "crashed": "the turn failed unexpectedly; send a message to try again",
+                "timed_out": "the turn reached its wall-clock limit (the environment's "
+                "config.limits.turn_timeout_s) and was stopped; send a message to continue",
+            }[outcome]
             extra.append(
                 {
                     "type": "session.error",
@@ -526,17 +542,24 @@ class TurnRunner:
         return runnable, waiting
 
     async def _run_tool(self, session_id: str, tool_use: Json) -> None:
-        try:
-            toolset = await self._sandboxes.toolset_for(session_id)
-        except Exception as exc:  # the sandbox backend is down: the model should hear why
-            logger.warning("no sandbox for session %s: %s", session_id, exc)
-            content: Sequence[Json] = [
-                {"type": "text", "text": f"the sandbox is not available: {exc}"}
-            ]
-            is_error = True
-        else:
-            outcome = await toolset.run(tool_use["name"], tool_use.get("input") or {})
-            content, is_error = outcome.content, outcome.is_error
+        content: Sequence[Json] = []
+        is_error = True
+        for attempt in (1, 2):
+            try:
+                toolset = await self._sandboxes.toolset_for(session_id)
+                outcome = await toolset.run(tool_use["name"], tool_use.get("input") or {})
+            except SandboxNotFound as exc:
+                # The sandbox vanished under us (removed, or its init died): nothing ran.
+                await self._sandboxes.forget(session_id)
+                if attempt == 1:
+                    continue
+                content = [{"type": "text", "text": f"the sandbox is not available: {exc}"}]
+            except Exception as exc:  # the backend is down: the model should hear why
+                logger.warning("no sandbox for session %s: %s", session_id, exc)
+                content = [{"type": "text", "text": f"the sandbox is not available: {exc}"}]
+            else:
+                content, is_error = outcome.content, outcome.is_error
+            break
         await self._store.append(
             session_id,
             [

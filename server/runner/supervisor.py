@@ -7,11 +7,8 @@ containers that belong to no session.
 
 from __future__ import annotations
 
-import hashlib
-import io
+import contextlib
 import logging
-import posixpath
-import tarfile
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
@@ -20,29 +17,27 @@ from typing import Any
 import anyio
 import anyio.abc
 
-from sandbox.base import OUTPUTS_DIR, UPLOADS_DIR, Sandbox, SandboxBackend, SandboxSpec
-from sandbox.errors import SandboxError, SandboxNotFound, SandboxPathError, SandboxUnavailable
+from sandbox.base import Sandbox, SandboxBackend
+from sandbox.errors import SandboxError, SandboxPathError, SandboxUnavailable
 from server.core.errors import BackendUnavailableError, InvalidRequestError, NotFoundError
 from server.core.files import FileService
 from server.core.instances import InstanceRegistry
-from server.core.session_store import SessionRecord, SessionStore
+from server.core.session_store import SessionStore
 from server.settings import Settings
 
-from .loop import MAX_OUTPUT_FILE, TurnRunner
+from .loop import TurnRunner
 from .model import ModelClient
+from .sandboxes import SandboxManager, write_mounts
 from .toolset import Toolset
 
 logger = logging.getLogger(__name__)
 
 Json = dict[str, Any]
-LABEL = "managed-agents-mcp"
-SESSION_LABEL = "managed-agents-mcp.session"
-HOME_LABEL = "managed-agents-mcp.home"
 ORPHAN_SWEEP_DELAY = 2.0
 
 
 class Supervisor:
-    """Runs session turns in this process and manages their sandboxes."""
+    """Runs session turns in this process; delegates sandboxes to a `SandboxManager`."""
 
     def __init__(
         self,
@@ -59,23 +54,25 @@ class Supervisor:
         self._model = model
         self._settings = settings
         self._files = files
+        self.sandboxes = SandboxManager(store, instances, backend, settings, files)
         self._runner = TurnRunner(store, model, settings, self, files)
-        self._output_index: dict[str, dict[str, str]] = {}
-        """Session id → output path → "size mtime" seen at the last collection."""
-        self._home_label = hashlib.sha256(str(settings.home.resolve()).encode()).hexdigest()[:16]
-        self._sandboxes: dict[str, Sandbox] = {}
-        self._sandbox_locks: dict[str, anyio.Lock] = {}
         self._workers: dict[str, bool] = {}
         """Session id → "woken again while running" flag, for sessions with a live worker."""
         self._task_group: anyio.abc.TaskGroup | None = None
+        self._stack = contextlib.AsyncExitStack()
 
     # ------------------------------------------------------------------------------ lifecycle
 
     async def __aenter__(self) -> Supervisor:
-        self._task_group = anyio.create_task_group()
-        await self._task_group.__aenter__()
-        self._task_group.start_soon(self._watch_other_processes)
-        self._task_group.start_soon(self._recover)
+        async with contextlib.AsyncExitStack() as stack:
+            # Outermost: the egress proxies outlive the turns that use them.
+            await stack.enter_async_context(self.sandboxes.egress)
+            stack.push_async_callback(self._stop_sandboxes)
+            self._task_group = await stack.enter_async_context(anyio.create_task_group())
+            self.sandboxes.bind(self._task_group)
+            self._task_group.start_soon(self._watch_other_processes)
+            self._task_group.start_soon(self._recover)
+            self._stack = stack.pop_all()
         return self
 
     async def __aexit__(
@@ -84,115 +81,67 @@ class Supervisor:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool | None:
-        """Cancel running turns (they record the shutdown), close shells, stop our containers.
-
-        Shielded and bounded, so a stuck daemon cannot hold the server's exit forever.
-        """
+        """Cancel running turns (they record the shutdown), stop this process's sandboxes,
+        then close the egress proxies. Bounded, so a stuck daemon cannot hold the exit."""
         assert self._task_group is not None
         self._task_group.cancel_scope.cancel()
-        try:
-            return await self._task_group.__aexit__(exc_type, exc, tb)
-        finally:
-            with anyio.CancelScope(shield=True), anyio.move_on_after(30):
-                await self._stop_sandboxes()
+        return await self._stack.__aexit__(exc_type, exc, tb)
 
     async def _stop_sandboxes(self) -> None:
-        sandboxes, self._sandboxes = self._sandboxes, {}
-        for session_id, sandbox in sandboxes.items():
-            try:
-                await sandbox.aclose()
-                await self._backend.stop(sandbox.id)
-            except SandboxError as exc:
-                logger.warning("could not stop the sandbox of %s: %s", session_id, exc)
+        with anyio.CancelScope(shield=True), anyio.move_on_after(30):
+            await self.sandboxes.stop_all()
 
     # ------------------------------------------------------------------------ SessionRuntime
 
-    def labels(self, session_id: str) -> dict[str, str]:
-        return {LABEL: "1", SESSION_LABEL: session_id, HOME_LABEL: self._home_label}
-
-    def _spec(self, session_id: str, environment: Json) -> SandboxSpec:
-        networking = (environment.get("config") or {}).get("networking") or {}
-        network = "egress" if networking.get("type", "unrestricted") == "unrestricted" else "none"
-        return SandboxSpec(
-            image=self._settings.image,
-            name=f"ma-{session_id}",
-            labels=self.labels(session_id),
-            network=network,
-            limits=self._settings.limits,
-        )
+    def prepare_environment(self, environment: Json) -> None:
+        """Start building the environment's image (and its warm pool) now."""
+        self.sandboxes.images.prepare(environment)
+        if self._task_group is not None and self._settings.warm_pool > 0:
+            self._task_group.start_soon(self.sandboxes.prewarm, environment)
 
     async def provision(self, session: Json, environment: Json) -> str:
-        spec = self._spec(session["id"], environment)
         try:
-            sandbox = await self._backend.create(spec)
+            return (await self.sandboxes.provision(session, environment)).id
         except SandboxError as exc:
             raise _unavailable(exc) from exc
-        self._sandboxes[session["id"]] = sandbox
-        return sandbox.id
 
     async def destroy(self, session_id: str, sandbox_id: str | None) -> None:
-        sandbox = self._sandboxes.pop(session_id, None)
-        self._output_index.pop(session_id, None)
-        if sandbox is not None:
-            await sandbox.aclose()
         try:
-            await self._backend.remove(sandbox_id or f"ma-{session_id}")
+            await self.sandboxes.destroy(session_id, sandbox_id)
         except SandboxError as exc:
             raise _unavailable(exc) from exc
 
     async def stop(self, session_id: str, sandbox_id: str | None) -> None:
-        sandbox = self._sandboxes.pop(session_id, None)
-        if sandbox is not None:
-            await sandbox.aclose()
         try:
-            await self._backend.stop(sandbox_id or f"ma-{session_id}")
+            await self.sandboxes.stop(session_id, sandbox_id)
         except SandboxError as exc:
             raise _unavailable(exc) from exc
 
     async def mount_files(self, session_id: str, mounts: Sequence[tuple[str, Path]]) -> None:
         try:
-            await _write_mounts(await self.sandbox_for(session_id), mounts)
+            await write_mounts(await self._sandbox_for(session_id), mounts)
         except SandboxError as exc:
             raise _unavailable(exc) from exc
 
     async def unmount_file(self, session_id: str, path: str) -> None:
         try:
-            sandbox = await self.sandbox_for(session_id)
+            sandbox = await self._sandbox_for(session_id)
             await sandbox.exec(["rm", "-f", "--", path], user="0")
         except SandboxError as exc:
             raise _unavailable(exc) from exc
 
-    async def collect_outputs(self, session_id: str) -> list[tuple[str, bytes]]:
-        """New or changed files under /mnt/session/outputs/ since the last collection."""
-        sandbox = self._sandboxes.get(session_id)
-        if sandbox is None:
-            return []
-        listing = await sandbox.exec(
-            [
-                "sh",
-                "-c",
-                f"cd {OUTPUTS_DIR} 2>/dev/null || exit 0; "
-                "find . -type f -printf '%s %T@ %P\\n' 2>/dev/null | head -n 1000",
-            ]
-        )
-        seen = self._output_index.setdefault(session_id, {})
-        changed: list[str] = []
-        for line in listing.stdout.decode(errors="replace").splitlines():
-            parts = line.split(" ", 2)
-            if len(parts) != 3 or not parts[0].isdigit() or int(parts[0]) > MAX_OUTPUT_FILE:
-                continue
-            size, stamp, path = parts
-            if seen.get(path) != f"{size} {stamp}":
-                seen[path] = f"{size} {stamp}"
-                changed.append(path)
-        if not changed:
-            return []
-        archive = await sandbox.exec(
-            ["tar", "-c", "-f", "-", "-C", OUTPUTS_DIR, "--", *changed],
-            max_output=len(changed) * MAX_OUTPUT_FILE + (1 << 20),
-            timeout=300,
-        )
-        return _read_tar(archive.stdout)
+    async def read_file(
+        self, session_id: str, path: str, *, max_bytes: int, roots: Sequence[str]
+    ) -> bytes:
+        try:
+            sandbox = await self._sandbox_for(session_id)
+            return await sandbox.read_file(path, max_bytes=max_bytes, roots=roots)
+        except SandboxPathError as exc:
+            if "no such file" in str(exc):
+                raise NotFoundError(f"{exc} in session {session_id}") from exc
+            raise InvalidRequestError(str(exc)) from exc
+        except SandboxError as exc:
+            raise _unavailable(exc) from exc
 
     def wake(self, session_id: str) -> None:
         if session_id in self._workers:
@@ -204,18 +153,32 @@ class Supervisor:
         self._workers[session_id] = False
         self._task_group.start_soon(self._worker, session_id)
 
-    async def read_file(
-        self, session_id: str, path: str, *, max_bytes: int, roots: Sequence[str]
-    ) -> bytes:
-        try:
-            sandbox = await self.sandbox_for(session_id)
-            return await sandbox.read_file(path, max_bytes=max_bytes, roots=roots)
-        except SandboxPathError as exc:
-            if "no such file" in str(exc):
-                raise NotFoundError(f"{exc} in session {session_id}") from exc
-            raise InvalidRequestError(str(exc)) from exc
-        except SandboxError as exc:
-            raise _unavailable(exc) from exc
+    async def _sandbox_for(self, session_id: str) -> Sandbox:
+        record = await self._store.require(session_id)
+        return await self.sandboxes.sandbox_for(
+            session_id, owner=record.owner == self._instances.id
+        )
+
+    # ------------------------------------------------------------------- SandboxAccess (loop)
+
+    async def toolset_for(self, session_id: str) -> Toolset:
+        sandbox = await self.sandboxes.sandbox_for(session_id)
+        return Toolset(sandbox, max_timeout=await self._limit(session_id, "command_timeout_s"))
+
+    async def collect_outputs(self, session_id: str) -> list[tuple[str, bytes]]:
+        return await self.sandboxes.collect_outputs(session_id)
+
+    async def forget(self, session_id: str) -> None:
+        await self.sandboxes.forget(session_id)
+
+    async def turn_timeout(self, session_id: str) -> float | None:
+        value = await self._limit(session_id, "turn_timeout_s")
+        return value if value != self._settings.max_tool_timeout else None
+
+    async def _limit(self, session_id: str, name: str) -> float:
+        environment = await self.sandboxes.environment_of(session_id)
+        limits = (environment.get("config") or {}).get("limits") or {}
+        return float(limits.get(name) or self._settings.max_tool_timeout)
 
     # -------------------------------------------------------------------------------- workers
 
@@ -235,46 +198,6 @@ class Supervisor:
             logger.exception("worker of session %s failed", session_id)
         finally:
             self._workers.pop(session_id, None)
-
-    async def toolset_for(self, session_id: str) -> Toolset:
-        return Toolset(
-            await self.sandbox_for(session_id), max_timeout=self._settings.max_tool_timeout
-        )
-
-    async def sandbox_for(self, session_id: str) -> Sandbox:
-        """The session's running sandbox: cached, re-attached, or re-created if it is gone."""
-        lock = self._sandbox_locks.setdefault(session_id, anyio.Lock())
-        async with lock:
-            sandbox = self._sandboxes.get(session_id)
-            if sandbox is not None:
-                return sandbox
-            record = await self._store.require(session_id)
-            name = record.sandbox_id or f"ma-{session_id}"
-            try:
-                sandbox = await self._backend.attach(name)
-            except SandboxNotFound:
-                logger.warning("the sandbox of %s is gone; creating a new one", session_id)
-                environment = await self._environment(record)
-                sandbox = await self._backend.create(self._spec(session_id, environment))
-                await self._store.set_columns(session_id, sandbox_id=sandbox.id)
-            # A stopped or re-created container has empty tmpfs mounts: put the files back.
-            mounts = []
-            for resource in await self._store.resources(session_id):
-                _, blob = await self._files.blob_path(resource["file_id"])
-                mounts.append((resource["mount_path"], blob))
-            await _write_mounts(sandbox, mounts)
-            self._sandboxes[session_id] = sandbox
-            return sandbox
-
-    async def _environment(self, record: SessionRecord) -> Json:
-        import json
-
-        row = await self._store.db.read(
-            lambda c: c.execute(
-                "SELECT body FROM environments WHERE id = ?", (record.session["environment_id"],)
-            ).fetchone()
-        )
-        return json.loads(row[0]) if row else {}
 
     # ------------------------------------------------------------------------------- recovery
 
@@ -345,10 +268,7 @@ class Supervisor:
 
     async def _remove_orphans(self) -> None:
         known = {r.session["id"] for r in await self._store.all_sessions()}
-        for info in await self._backend.list({LABEL: "1", HOME_LABEL: self._home_label}):
-            if info.labels.get(SESSION_LABEL) not in known:
-                logger.info("removing orphan sandbox %s", info.name)
-                await self._backend.remove(info.id)
+        await self.sandboxes.remove_orphans(known)
 
     async def _watch_other_processes(self) -> None:
         async def on_change(session_ids: set[str]) -> None:
@@ -360,47 +280,6 @@ class Supervisor:
         await self._store.bus.watch(
             self._store.db, on_change, interval=self._settings.poll_interval
         )
-
-
-async def _write_mounts(sandbox: Sandbox, mounts: Sequence[tuple[str, Path]]) -> None:
-    """Extract the files, read-only and owned by root, under /mnt/session/uploads/ in one go."""
-    if not mounts:
-        return
-
-    def pack() -> bytes:
-        buffer = io.BytesIO()
-        with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
-            for path, blob in mounts:
-                info = tar.gettarinfo(str(blob), arcname=posixpath.relpath(path, UPLOADS_DIR))
-                info.mode, info.uid, info.gid, info.uname, info.gname = 0o444, 0, 0, "", ""
-                with blob.open("rb") as data:
-                    tar.addfile(info, data)
-        return buffer.getvalue()
-
-    payload = await anyio.to_thread.run_sync(pack)
-    result = await sandbox.exec(
-        ["tar", "-x", "-f", "-", "-C", UPLOADS_DIR, "--no-same-owner"],
-        user="0",
-        stdin=payload,
-        timeout=300,
-    )
-    if result.exit_code != 0:
-        reason = result.stderr.decode(errors="replace").strip()
-        msg = f"mounting files failed: {reason or f'tar exit {result.exit_code}'}"
-        raise SandboxError(msg, op="mount")
-
-
-def _read_tar(data: bytes) -> list[tuple[str, bytes]]:
-    """Regular files of an archive made by our own `tar -c` (nothing is extracted to disk)."""
-    files: list[tuple[str, bytes]] = []
-    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-        for member in tar:
-            if not member.isreg():
-                continue
-            handle = tar.extractfile(member)
-            if handle is not None:
-                files.append((posixpath.normpath(member.name).lstrip("/"), handle.read()))
-    return files
 
 
 def _unavailable(exc: SandboxError) -> BackendUnavailableError:

@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from sandbox.base import WORKSPACE, Sandbox
-from sandbox.errors import SandboxError, SandboxPathError
+from sandbox.errors import SandboxError, SandboxNotFound, SandboxPathError
 
 Json = dict[str, Any]
 
@@ -263,7 +263,11 @@ class Toolset:
         self._max_timeout = max_timeout
 
     async def run(self, name: str, tool_input: Json) -> ToolOutcome:
-        """Run one tool call; every failure becomes an `is_error` outcome, never an exception."""
+        """Run one tool call; every failure becomes an `is_error` outcome.
+
+        Raises:
+            SandboxNotFound: the sandbox is gone (nothing ran); re-attach and call again.
+        """
         handler = getattr(self, f"_{name}", None)
         if name not in SANDBOX_TOOLS or handler is None:
             return ToolOutcome.text(f"unknown tool {name!r}", is_error=True)
@@ -276,6 +280,8 @@ class Toolset:
             return ToolOutcome.text(f"{name}: invalid input: {details}", is_error=True)
         except ToolFailure as exc:
             return ToolOutcome.text(f"{name}: {exc}", is_error=True)
+        except SandboxNotFound:
+            raise  # nothing ran; the caller re-attaches the sandbox and tries again
         except SandboxError as exc:
             return ToolOutcome.text(f"{name}: {exc}", is_error=True)
         return result

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -65,3 +66,10 @@ async def wait_for_event(
 
 def of_type(events: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
     return [e for e in events if e["type"] == kind]
+
+
+async def poll_until(condition: Callable[[], bool], *, limit: float = 60) -> None:
+    """Poll state that offers nothing to wait on (e.g. Docker's container list), bounded."""
+    with anyio.fail_after(limit):
+        while not condition():  # noqa: ASYNC110 - Docker's state has no event to await
+            await anyio.sleep(0.1)

@@ -1,0 +1,1 @@
+"""Backend-agnostic contracts: behaviour every implementation of a seam must show."""
