@@ -102,16 +102,24 @@ def build_server(
     *,
     backend: SandboxBackend | None = None,
     model: ModelClient | None = None,
+    services: Services | None = None,
 ) -> MCPServer:
-    """The MCP server with every tool registered; its lifespan opens the services."""
+    """The MCP server with every tool registered.
+
+    Its lifespan opens the services, unless `services` are given already open (the HTTP
+    transport shares them with the REST API).
+    """
     from mcp.server.mcpserver import MCPServer
 
     from server.tools import register_tools
 
     @contextlib.asynccontextmanager
     async def lifespan(_: MCPServer) -> AsyncIterator[Services]:
-        async with open_services(settings, backend=backend, model=model) as services:
+        if services is not None:
             yield services
+            return
+        async with open_services(settings, backend=backend, model=model) as opened:
+            yield opened
 
     server = MCPServer(
         "managed-agents",

@@ -12,6 +12,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger("managed_agents")
 
@@ -40,7 +41,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run the MCP server (stdio by default)")
-    serve.add_argument("--transport", choices=["stdio"], default="stdio")
+    serve.add_argument("--transport", choices=["stdio", "http"], default="stdio")
+    serve.add_argument("--host", default="127.0.0.1", help="HTTP: address to bind")
+    serve.add_argument("--port", type=int, default=8765, help="HTTP: port to bind")
+    serve.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="HOST",
+        help="HTTP: another Host header to accept (besides loopback names)",
+    )
+    serve.add_argument(
+        "--allowed-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="HTTP: another browser Origin to accept (besides loopback)",
+    )
+    serve.add_argument(
+        "--no-auth",
+        action="store_true",
+        help="HTTP: no token (refused unless bound to a loopback address)",
+    )
+
+    commands.add_parser("token", help="print the HTTP token (created on first use)")
 
     commands.add_parser("doctor", help="check Docker, the sandbox image, the API key, the data dir")
 
@@ -65,6 +89,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     _configure_logging(args.log_level)
     if args.command == "serve":
         return _serve(args)
+    if args.command == "token":
+        return _token()
     if args.command == "doctor":
         return _doctor()
     return _image_build(args)
@@ -75,9 +101,67 @@ def _serve(args: argparse.Namespace) -> int:
     from server.settings import Settings
 
     settings = Settings.from_env()
+    if args.transport == "http":
+        return _serve_http(args, settings)
     server = build_server(settings)
-    logger.info("serving over %s; data dir %s", args.transport, settings.home)
+    logger.info("serving over stdio; data dir %s", settings.home)
     server.run("stdio")
+    return 0
+
+
+def _serve_http(args: argparse.Namespace, settings: Any) -> int:
+    import anyio
+
+    from server.http import is_loopback, load_token
+
+    if not is_loopback(args.host) and args.no_auth:
+        sys.stderr.write(
+            f"refusing to serve on {args.host} without a token: --no-auth is only allowed on "
+            "a loopback address\n"
+        )
+        return 2
+    token = None if args.no_auth else load_token(settings.home, settings.token)
+    hosts = list(args.allowed_host)
+    if not is_loopback(args.host) and args.host not in ("0.0.0.0", "::"):
+        hosts.append(args.host)
+
+    async def run() -> None:
+        import uvicorn
+
+        from server.app import build_server, open_services
+        from server.http import build_http_app
+        from server.rest import routes
+
+        async with open_services(settings) as services:
+            app = build_http_app(
+                build_server(settings, services=services),
+                token=token,
+                allowed_hosts=hosts,
+                allowed_origins=args.allowed_origin,
+                routes=routes(services),
+            )
+            config = uvicorn.Config(
+                app, host=args.host, port=args.port, log_config=None, log_level="warning"
+            )
+            logger.info(
+                "serving MCP at http://%s:%d/mcp%s; data dir %s",
+                args.host,
+                args.port,
+                "" if token is None else " (token: `managed-agents-mcp token`)",
+                settings.home,
+            )
+            await uvicorn.Server(config).serve()
+
+    anyio.run(run)
+    return 0
+
+
+def _token() -> int:
+    from server.http import load_token
+    from server.settings import Settings
+
+    settings = Settings.from_env()
+    _write(load_token(settings.home, settings.token))
     return 0
 
 

@@ -120,6 +120,8 @@ class Settings:
     ca_bundle: bytes | None = None
     warm_pool: int = 1
     """Ready containers kept per environment recipe (0 turns the pool off)."""
+    token: str | None = None
+    """HTTP token (MANAGED_AGENTS_TOKEN); generated into `<home>/token` when unset."""
     egress_hosts: Mapping[str, str] = field(default_factory=dict)
     """Names the egress proxy resolves to fixed addresses before asking DNS."""
     limits: Limits = field(default_factory=lambda: Limits(memory_bytes=2048 << 20, pids=512))
@@ -152,6 +154,7 @@ class Settings:
             ca_bundle=_read_ca_bundle(_get(env, "MANAGED_AGENTS_CA_BUNDLE")),
             warm_pool=int(_number(env, "MANAGED_AGENTS_WARM_POOL", 1)),
             egress_hosts=_pairs(env, "MANAGED_AGENTS_EGRESS_HOSTS"),
+            token=_get(env, "MANAGED_AGENTS_TOKEN"),
             limits=limits,
         )
         return replace(settings, **overrides) if overrides else settings  # type: ignore[arg-type]

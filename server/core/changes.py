@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 
 import anyio
 import anyio.abc
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from .store import Database
 
 logger = logging.getLogger(__name__)
+
+PREVIEW_BUFFER = 256
 
 
 class ChangeBus:
@@ -24,6 +28,31 @@ class ChangeBus:
         self._events: dict[str, anyio.Event] = {}
         self._last_seq = 0
         self._deleted: dict[str, dict[str, object]] = {}
+        self._previews: dict[str, set[MemoryObjectSendStream[dict[str, object]]]] = {}
+
+    @contextlib.contextmanager
+    def previews(self, session_id: str) -> Iterator[MemoryObjectReceiveStream[dict[str, object]]]:
+        """Subscribe to a session's live previews (`event_start` / `event_delta`), best effort.
+
+        Previews are never stored; a slow subscriber loses some (the full event follows).
+        """
+        send, receive = anyio.create_memory_object_stream[dict[str, object]](PREVIEW_BUFFER)
+        subscribers = self._previews.setdefault(session_id, set())
+        subscribers.add(send)
+        try:
+            yield receive
+        finally:
+            subscribers.discard(send)
+            if not subscribers:
+                self._previews.pop(session_id, None)
+            send.close()
+            receive.close()
+
+    def publish_preview(self, session_id: str, preview: dict[str, object]) -> None:
+        """Hand a preview to this process's subscribers without waiting (drops when full)."""
+        for send in list(self._previews.get(session_id, ())):
+            with contextlib.suppress(anyio.WouldBlock, anyio.BrokenResourceError):
+                send.send_nowait(preview)
 
     def mark_deleted(self, session_id: str, event: dict[str, object]) -> None:
         """Remember a deleted session's final `session.deleted` event and wake its followers."""

@@ -19,7 +19,9 @@ import anyio
 
 from sandbox.errors import SandboxNotFound
 from server.core.actions import outstanding_actions
+from server.core.changes import ChangeBus
 from server.core.files import FileService
+from server.core.ids import new_id
 from server.core.session_store import SessionStore
 from server.settings import Settings
 
@@ -152,6 +154,30 @@ def _error_result(tool_use_id: str, text: str) -> Json:
         "content": [{"type": "text", "text": text}],
         "is_error": True,
     }
+
+
+class _Previews:
+    """Live `event_start` / `event_delta` previews of the `agent.message` being streamed.
+
+    They go to stream followers only; the stored `agent.message` (same id) comes after.
+    """
+
+    def __init__(self, bus: ChangeBus, session_id: str, message_id: str) -> None:
+        self._bus = bus
+        self._session_id = session_id
+        self._message_id = message_id
+        self._started = False
+
+    async def text(self, index: int, text: str) -> None:
+        if not self._started:
+            self._started = True
+            start = {"type": "agent.message", "id": self._message_id}
+            self._bus.publish_preview(self._session_id, {"type": "event_start", "event": start})
+        delta = {"type": "content_delta", "index": index, "content": {"type": "text", "text": text}}
+        self._bus.publish_preview(
+            self._session_id,
+            {"type": "event_delta", "event_id": self._message_id, "delta": delta},
+        )
 
 
 class TurnRunner:
@@ -334,9 +360,11 @@ class TurnRunner:
             agent = record.session["agent"]
             events = await self._store.events(session_id)
             request = await self._resolve_files(build_request(agent, events, self._settings))
-            response, start_id = await self._call_model(session_id, request)
+            response, start_id, message_id = await self._call_model(session_id, request)
             requests += 1
-            runnable, waiting = await self._record_response(session_id, agent, response, start_id)
+            runnable, waiting = await self._record_response(
+                session_id, agent, response, start_id, message_id
+            )
             if response.stop_reason == "refusal":
                 return TurnEnd({"type": "refusal"}, response.stop_details)
             for tool_use in runnable:
@@ -438,12 +466,16 @@ class TurnRunner:
         )
         return TurnEnd({"type": "retries_exhausted"})
 
-    async def _call_model(self, session_id: str, request: Json) -> tuple[ModelResponse, str]:
+    async def _call_model(self, session_id: str, request: Json) -> tuple[ModelResponse, str, str]:
+        """The reply, its span start id, and the id its `agent.message` will have."""
         attempt = 0
         while True:
             (start,) = await self._store.append(session_id, [{"type": "span.model_request_start"}])
+            message_id = new_id("sevt")
+            preview = _Previews(self._store.bus, session_id, message_id)
             try:
-                return await self._model.create_message(request), start["id"]
+                response = await self._model.create_message(request, on_text=preview.text)
+                return response, start["id"], message_id
             except ModelError as error:
                 attempt += 1
                 retry = error.retryable and attempt <= self._settings.model_retries
@@ -480,7 +512,7 @@ class TurnRunner:
                 )
 
     async def _record_response(
-        self, session_id: str, agent: Json, response: ModelResponse, start_id: str
+        self, session_id: str, agent: Json, response: ModelResponse, start_id: str, message_id: str
     ) -> tuple[list[Json], list[Json]]:
         """Append the reply as events; return (tool uses to run now, calls left to the client)."""
         routes = tool_routes(agent)
@@ -491,6 +523,7 @@ class TurnRunner:
         if text:
             events.append(
                 {
+                    "id": message_id,
                     "type": "agent.message",
                     "content": [{"type": "text", "text": b["text"]} for b in text],
                 }
