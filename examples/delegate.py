@@ -2,7 +2,7 @@
 
     ANTHROPIC_API_KEY=sk-ant-... uv run python examples/delegate.py "Write fizzbuzz.py and run it"
 
-Needs Docker and the sandbox image (`uv run managed-agents-mcp image build`).
+Needs Docker (or bubblewrap) and the sandbox image (`uv run managed-agents-mcp image build`).
 """
 
 from __future__ import annotations
@@ -15,18 +15,13 @@ from typing import Any
 import anyio
 from mcp import Client, StdioServerParameters
 
+PASSED = ("ANTHROPIC_", "MANAGED_AGENTS_", "DOCKER_")
+
 
 async def main(task: str) -> None:
-    params = StdioServerParameters(
-        command=sys.executable,
-        args=["-m", "server", "serve"],
-        env={
-            k: v
-            for k, v in os.environ.items()
-            if k.startswith(("ANTHROPIC_", "MANAGED_AGENTS_", "DOCKER_"))
-        }
-        | {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "")},
-    )
+    env = {k: v for k, v in os.environ.items() if k.startswith(PASSED)}
+    env |= {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "")}
+    params = StdioServerParameters(command=sys.executable, args=["-m", "server", "serve"], env=env)
     async with Client(params) as client:
 
         async def call(name: str, args: dict[str, Any]) -> Any:
@@ -35,40 +30,30 @@ async def main(task: str) -> None:
                 raise SystemExit(f"{name}: {result.content[0].text}")  # type: ignore[union-attr]
             return result.structured_content
 
-        agents = await call("list_agents", {})
-        agent = next(
-            (a for a in agents["data"] if a["name"] == "example-worker"), None
-        ) or await call(
-            "create_agent",
-            {
-                "name": "example-worker",
-                "model": "claude-sonnet-4-6",
-                "tools": [{"type": "agent_toolset_20260401"}],
-            },
-        )
-        envs = await call("list_environments", {})
-        env = next((e for e in envs["data"] if e["name"] == "example-env"), None) or await call(
-            "create_environment", {"name": "example-env"}
-        )
-        session = await call("start_session", {"agent": agent["id"], "environment_id": env["id"]})
-        await call(
-            "send_event",
-            {"session_id": session["id"], "event": {"type": "user.message", "content": task}},
-        )
-        after = None
-        while True:
-            args: dict[str, Any] = {"session_id": session["id"], "timeout_s": 30}
-            if after:
-                args["after"] = after
-            answer = await call("wait_for_session", args)
-            for event in answer["events"]:
-                if event["type"] == "agent.message":
-                    print(event["content"][0]["text"])
-                elif event["type"] == "agent.tool_use":
+        result = await call("run_task", {"prompt": task, "wait_s": 40})
+        after = result["next_after"]
+        while not result["done"]:
+            result = await call(
+                "wait_for_session",
+                {"session_id": result["session_id"], "after": after, "timeout_s": 40},
+            )
+            for event in result["events"]:
+                if event["type"] == "agent.tool_use":
                     print("  $", json.dumps(event["input"])[:200])
-            after = answer["next_after"]
-            if answer["done"]:
-                break
+            after = result["next_after"]
+        answer = result.get("answer")
+        if answer is None:
+            listed = await call(
+                "list_events",
+                {
+                    "session_id": result["session_id"],
+                    "types": ["agent.message"],
+                    "order": "desc",
+                    "limit": 1,
+                },
+            )
+            answer = listed["data"][0]["content"][0]["text"] if listed["data"] else "(no answer)"
+        print(answer)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -37,6 +37,12 @@ class Limits:
     """Size of the `/mnt/session/outputs` tmpfs."""
     uploads_bytes: int = 1 << 30
     """Size of the read-only `/mnt/session/uploads` tmpfs the server fills."""
+    workspace_bytes: int = 10 << 30
+    """How much `/workspace` may hold (it lives on the host's disk, not in memory).
+
+    Enforced in two ways (see `sandbox.shell`, "Workspace size"): a `du` after shell commands
+    that, over the limit, turns file writes off until the agent deletes enough; and, on Docker,
+    `RLIMIT_FSIZE` so that no single file can outgrow the limit at all."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,8 +104,16 @@ class ShellResult:
     """True when the command ended the shell itself (e.g. `exit`)."""
     shell_restarted: bool = False
     """True when this command ran in a new shell because the previous one was lost
-    (killed after a timeout, or exited): environment variables were reset, the cwd was kept."""
+    (killed after a timeout, or exited, or replaced by the sandbox, see `notices`):
+    environment variables were reset, the cwd was kept."""
     cwd: str | None = None
+    notices: tuple[str, ...] = ()
+    """What the sandbox did around this command that the agent should know (processes it killed,
+    the container it restarted, the workspace over its size limit). Each is one bracketed line,
+    and `output` already starts with them."""
+    workspace_bytes: int | None = None
+    """How much `/workspace` held after the command, when it was measured (only sandboxes with a
+    workspace limit measure, and not after every command; see `sandbox.shell`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +123,10 @@ class ExecResult:
     exit_code: int
     stdout: bytes
     stderr: bytes
+
+
+ByteSink = Callable[[bytes], Awaitable[None]]
+"""Receives a stream chunk by chunk; awaiting it is the back-pressure (the producer waits)."""
 
 
 @runtime_checkable
@@ -151,6 +169,25 @@ class Sandbox(Protocol):
         """
         ...
 
+    async def exec_stream(
+        self,
+        argv: Sequence[str],
+        sink: ByteSink,
+        *,
+        user: str | None = None,
+        stdin: bytes | None = None,
+        timeout: float = 60.0,
+    ) -> ExecResult:
+        """Like `exec`, but stdout goes to `sink` as it arrives instead of being kept.
+
+        The returned `stdout` is empty; `stderr` keeps its first 64 KiB. A backend that cannot
+        stream may run `exec` and feed `sink` afterwards (bounded by `exec`'s `max_output`).
+
+        Raises:
+            SandboxExecError: as `exec` (did not finish within `timeout`).
+        """
+        ...
+
     async def read_file(self, path: str, *, max_bytes: int, roots: Sequence[str] = ()) -> bytes:
         """Return the bytes of the regular file at absolute `path` (at most `max_bytes`).
 
@@ -159,6 +196,16 @@ class Sandbox(Protocol):
         Raises:
             SandboxPathError: the path does not exist, is not a regular file, is too large or
                 resolves outside `roots`.
+        """
+        ...
+
+    async def read_range(
+        self, path: str, *, offset: int, length: int, roots: Sequence[str] = ()
+    ) -> tuple[bytes, int]:
+        """Up to `length` bytes from byte `offset` of a regular file, and its total size.
+
+        Raises:
+            SandboxPathError: as `read_file`, or `offset` is past the end.
         """
         ...
 

@@ -11,11 +11,12 @@ traverse it, else `/tmp/managed-agents-bwrap`)::
     uploads/       -> /mnt/session/uploads   owned by root, mode 0755
     outputs/       -> /mnt/session/outputs   owned by the sandbox user
     etc/           generated passwd, group, hosts, hostname (read-only in the sandbox)
-    bwrap.log      bwrap's own stderr, quoted when it fails to start
+    egress/        with egress only: empty on the host, the socket directory's mount point
 
 All of it lives until `remove()`; `stop()` only kills the processes, `attach()` starts them
-again over the same directories. Size limits of the `Limits.*_bytes` fields are not enforced
-(these are plain host directories, not tmpfs), and nothing caps the workspace's disk use.
+again over the same directories. The tmpfs size limits of the `Limits.*_bytes` fields are not
+enforced (these are plain host directories, not tmpfs); `workspace_bytes` is, as on Docker
+(`RLIMIT_FSIZE` through `prlimit` plus the shell's `du` check, see `sandbox.shell`).
 
 The server must run as root (`ping()` says so otherwise): it starts bwrap as the sandbox uid,
 creates cgroups and enters namespaces owned by the sandbox's nested user namespace, none of which
@@ -24,7 +25,10 @@ an unprivileged process can do.
 Processes. `create()`/`attach()` start one long-lived `bwrap` per sandbox whose payload is a
 sleep loop; its init's host pid and start time are recorded in `state.json`. Every command -- the
 persistent shell, `exec()`, `read_file`/`write_file`, the kill-tree script -- enters that init's
-namespaces with `nsenter`, so all of them see one filesystem and one pid namespace. bwrap runs
+namespaces with `nsenter` and then drops its privileges and installs the seccomp filter itself (a
+short `python3 -I -S` step, see `_ENTER`), so all of them see one filesystem and one pid
+namespace. bwrap's stderr is a pipe the server drains (its tail is quoted when bwrap fails to
+start); the payload swaps its own stdio for /dev/null before it idles. bwrap runs
 without `--die-with-parent`, in its own session: sandboxes outlive a server restart like
 containers do, and `attach()` from the next server process finds the init by pid (verified by its
 start time, so a recycled pid is never entered) or restarts it when it is gone. The server
@@ -34,17 +38,24 @@ Isolation, as enforced:
 
 - Namespaces: new user (bwrap runs *as the sandbox user*, so uid 1000 inside is uid 1000 on the
   host; `--disable-userns` forbids nested user namespaces), pid, mount, network (loopback only),
-  ipc, uts (hostname `sandbox`) and cgroup (when available). Egress is not supported yet:
-  `spec.egress_socket_dir` must be None.
-- Privileges: `--cap-drop ALL`, `--new-session`; entered processes run through `setpriv` with
-  `NoNewPrivs` set, no supplementary groups and no inheritable capabilities. Their effective,
-  permitted and ambient sets are empty; the *bounding* set of processes that enter the user
-  namespace stays full, because entering a user namespace resets it and no stock tool can both
-  enter and then drop it -- harmless, as uid 0 does not exist in that namespace, every mount is
-  `nosuid` and `NoNewPrivs` blocks file capabilities. `exec`/`write_file` as another user (e.g.
-  `user="0"` for uploads) join every namespace but the user one as that host uid with *all*
-  capability sets, the bounding set included, emptied -- Docker's `exec --user 0` under
-  `cap_drop=ALL`; inside the sandbox such files show as owned by `nobody`.
+  ipc, uts (hostname `sandbox`) and cgroup (when available).
+- Egress (`spec.egress_socket_dir` set): as with Docker, the only way out is the forwarder on
+  127.0.0.1:3128, which the payload runs, relaying to the session's proxy socket. The socket's
+  directory stays private to root on the host (the egress root is 0700): bwrap is launched
+  through `unshare --mount`, in a mount namespace of its own where root bind-mounts that
+  directory at `egress/` of the state directory, and bwrap binds it from there, read-only, at
+  `CONTAINER_SOCKET_DIR`. No mount appears on the host, and none outlives the sandbox. The
+  forwarder script is copied in (`--ro-bind-data`), so its host path needs no access either.
+- Privileges: `--cap-drop ALL`, `--new-session`, `NoNewPrivs`; every process -- bwrap's pid 1,
+  the payload and every entered process -- has all five capability sets empty, the bounding set
+  included, and no supplementary groups. `exec`/`write_file` as another user (e.g. `user="0"`
+  for uploads) join every namespace but the user one as that host uid, with the same empty sets
+  -- Docker's `exec --user 0` under `cap_drop=ALL`; inside the sandbox such files show as owned
+  by `nobody`.
+- System calls: every process runs under `sandbox.seccomp.FILTER` (bwrap's `--seccomp` for the
+  init, the entry step for entered processes): Docker's default profile as it applies to a
+  container without capabilities, plus `ptrace`, `pidfd_getfd` and the keyring calls, answered
+  with EPERM; other architectures' calls kill the process.
 - Filesystem: a read-only tmpfs root holding read-only binds of the host's `/usr` (and the
   `/bin`, `/sbin`, `/lib*` links or directories), a curated list of `/etc` entries plus
   generated `passwd`/`group`/`hosts`/`hostname`, a fresh `/proc` (bwrap keeps `/proc/sys` and
@@ -54,7 +65,20 @@ Isolation, as enforced:
 - Environment: `--clearenv`, then exactly what the Docker backend sets (`HOME`, `PATH`, `LANG`,
   `TERM=dumb`, `PAGER`, `GIT_PAGER`, `PYTHONUNBUFFERED`) plus `spec.env`; host-side helper
   processes run with a fixed minimal environment, so `spec.env` never reaches them.
-- No seccomp filter is installed (Docker's default profile has one).
+
+Still weaker than the Docker backend:
+
+- The seccomp filter is a deny list: a call a newer kernel adds is allowed until it is listed
+  (Docker's profile allows only what it names).
+- The sandbox uid is the same host uid for every sandbox and for any host process of that uid;
+  nothing like user-namespace remapping separates them. Sandboxes cannot see or signal each
+  other (separate pid namespaces), but they do share `RLIMIT_NPROC` accounting on kernels older
+  than 5.14 in rlimit mode, and any file a host process of that uid leaves reachable.
+- No LSM profile (Docker applies AppArmor `docker-default` where AppArmor is on).
+- The userland is the host's own `/usr`, read-only: its setuid binaries exist (harmless under
+  `nosuid` mounts and `NoNewPrivs`), and kernel or userland bugs it exposes are the host's.
+- Disk use is not capped, and without writable cgroup v1 controllers neither is total memory nor
+  CPU (see Limits).
 
 Limits. With cgroup v1 controllers writable (e.g. the hybrid layout of this project's CI host),
 each sandbox gets `managed-agents-bwrap.<name>` under the server's own cgroup in the `memory`
@@ -116,6 +140,7 @@ from .errors import (
     SandboxUnavailable,
 )
 from .forwarder import CONTAINER_FORWARDER_PATH, FORWARDER_PATH, container_command
+from .seccomp import FILTER
 from .shell import SHELL_LAUNCHER, ShellSandbox
 
 logger = logging.getLogger(__name__)
@@ -157,6 +182,10 @@ _ETC_ENTRIES = (
     "terminfo",
     "timezone",
 )
+_TOOLS = ("nsenter", "setpriv", "prlimit", "python3")
+"""Needed besides bwrap; python3 (the host's, seen through the sandbox's /usr) installs the
+seccomp filter in entered processes."""
+_PACKAGES = {"bwrap": "bubblewrap", "python3": "python3", "mount": "mount"}
 _SHM_BYTES = 64 << 20
 _MIN_BWRAP = (0, 8)
 """`--disable-userns`, `--size` and `--perms` need bubblewrap 0.8."""
@@ -169,12 +198,71 @@ _PRIVATE_DIRS = {
     "outputs": OUTPUTS_DIR,
 }
 # The sandbox payload: tell the launcher (on stdout, a pipe) that every mount is in place, then
-# idle. bwrap's own pid-1 reaper sits above it and collects orphans.
-_PAYLOAD = "printf 'ready\\n'; exec </dev/null >/dev/null; while :; do sleep 86400; done"
+# idle. bwrap's own pid-1 reaper sits above it and collects orphans. Every descriptor the
+# launcher handed over is swapped for /dev/null first, so the long-lived processes hold nothing
+# of the host's that code inside could take over with pidfd_getfd.
+_READY = "printf 'ready\\n'; exec </dev/null >/dev/null 2>&1"
+_PAYLOAD = f"{_READY}; while :; do sleep 86400; done"
 
 # Host side, as the server's uid: move this process into the sandbox's cgroups (the files before
 # `--`), then become the rest of the argv. Children inherit the cgroups.
 _JOIN_CGROUPS = 'while [ "$1" != -- ]; do echo $$ >"$1" || exit 125; shift; done; shift; exec "$@"'
+
+# Host side, as root in a mount namespace of its own: bind-mount the egress socket directory
+# ($2, private to root) at $3 (in the sandbox's state directory, which the sandbox uid can
+# traverse) with mount(8) ($1), then become the rest of the argv. The mount is never visible on
+# the host, and it goes away with the sandbox's processes.
+_PRIVATE_BIND = '"$1" --bind -- "$2" "$3" || exit 125; shift 3; exec "$@"'
+
+# Runs inside the sandbox's namespaces as host root, right after nsenter (but in the host's user
+# namespace), as `python3 -I -S -B -c _ENTER FILTER_HEX USERNS UID GID ARGV...`. With USERNS a
+# path (not "-"): enter that user namespace -- which grants every capability *there*, the
+# bounding set included -- and empty the bounding set. Then, in any case, set no_new_privs and
+# install the seccomp filter; with USERNS, become UID:GID and ask for SIGKILL when nsenter dies;
+# execute ARGV. Only this process can do all that in order: once a process whose uid is not root
+# in the sandbox's namespace (uid 0 is not mapped there) executes anything, it has no capability
+# left to drop the bounding set with, and a filter is inherited only from the parent (nsenter's
+# is on the host). The filter goes in while the process is still host root, which code inside
+# can neither ptrace nor write to through /proc/PID/mem. Arguments reach the variadic prctl as
+# unsigned longs, as glibc reads them.
+_ENTER = """\
+import ctypes, os, sys
+program, userns = bytes.fromhex(sys.argv[1]), sys.argv[2]
+uid, gid = int(sys.argv[3]), int(sys.argv[4])
+libc = ctypes.CDLL(None, use_errno=True)
+def prctl(option, arg, pointer=None):
+    u = ctypes.c_ulong
+    return libc.prctl(option, u(arg), pointer or u(0), u(0), u(0))
+def check(result, what):
+    if result != 0:
+        raise OSError(ctypes.get_errno(), what + " failed")
+if userns != "-":
+    fd = os.open(userns, os.O_RDONLY)
+    check(libc.setns(fd, 0x10000000), "setns(CLONE_NEWUSER)")
+    os.close(fd)
+    cap = 0
+    while prctl(24, cap) == 0:
+        cap += 1
+    if ctypes.get_errno() != 22 or cap == 0:
+        check(-1, "prctl(PR_CAPBSET_DROP)")
+    if os.getgroups():
+        raise SystemExit("supplementary groups would survive; spawn with none")
+class Prog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_char_p)]
+prog = Prog(len(program) // 8, program)
+check(prctl(38, 1), "prctl(PR_SET_NO_NEW_PRIVS)")
+check(prctl(22, 2, ctypes.byref(prog)), "prctl(PR_SET_SECCOMP)")
+if userns != "-":
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+    check(prctl(1, 9), "prctl(PR_SET_PDEATHSIG)")
+os.execv(sys.argv[5], sys.argv[5:])
+"""
+
+_EGRESS_MOUNT = "egress"
+"""The mount point (in the state directory) of the egress socket directory."""
+_ERR_TAIL = 2000
+"""How much of bwrap's stderr is kept for error messages."""
 
 
 # --------------------------------------------------------------------------------- state
@@ -204,7 +292,7 @@ class _State:
         if self.egress_socket_dir is None:
             return _PAYLOAD
         forwarder = shlex.join(container_command(CONTAINER_SOCKET_PATH))
-        return f"printf 'ready\\n'; exec </dev/null >/dev/null; exec {forwarder}"
+        return f"{_READY}; exec {forwarder}"
 
     @property
     def user(self) -> str:
@@ -311,6 +399,62 @@ async def _end_process(process: anyio.abc.Process) -> None:
             if process.returncode is None:
                 process.kill()
         await process.aclose()
+
+
+@dataclass
+class _LaunchFds:
+    """Descriptors bwrap inherits; their numbers go into its arguments."""
+
+    info: int
+    seccomp: int
+    forwarder: int | None = None
+
+
+def _memfd(name: str, data: bytes, opened: list[int]) -> int:
+    """A memfd holding `data`, rewound, and appended to `opened` (the caller closes it)."""
+    fd = os.memfd_create(name, 0)
+    opened.append(fd)
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
+
+
+def _read_tail(fd: int, tail: bytes, *, timeout: float) -> bytes:
+    """`tail` plus what `fd` yields until EOF or `timeout`, keeping the last `_ERR_TAIL` bytes."""
+    deadline = time.monotonic() + timeout
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    while (remaining := deadline - time.monotonic()) > 0:
+        if not poller.poll(remaining * 1000):
+            break
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            break
+        tail = (tail + chunk)[-_ERR_TAIL:]
+    return tail
+
+
+def _reap_in_background(process: subprocess.Popen[bytes], err_r: int | None, name: str) -> None:
+    """Drain (and then close) `err_r` until every writer is gone, then reap `process`, in a
+    daemon thread: the outer bwrap stays this process's child for the sandbox's life."""
+
+    def run() -> None:
+        tail = b""
+        if err_r is not None:
+            try:
+                while chunk := os.read(err_r, 65536):
+                    tail = (tail + chunk)[-_ERR_TAIL:]
+            except OSError:
+                pass
+            finally:
+                os.close(err_r)
+        process.wait()
+        if text := tail.decode(errors="replace").strip():
+            logger.info("bwrap of sandbox %s ended with: %s", name, text)
+
+    threading.Thread(target=run, name=f"bwrap-{name}", daemon=True).start()
 
 
 def _exit_status(returncode: int) -> int:
@@ -439,7 +583,7 @@ class BubblewrapSandbox(ShellSandbox):
         self._backend = backend
         self._state = state
         self.user = state.user
-        super().__init__()
+        super().__init__(workspace_limit=state.spec_limits().workspace_bytes)
 
     @property
     def id(self) -> str:
@@ -577,10 +721,11 @@ class BubblewrapBackend:
         if path is None:
             found = shutil.which(name, path=_HOST_ENV["PATH"])
             if found is None:
-                package = "bubblewrap" if name == "bwrap" else "util-linux"
+                package = _PACKAGES.get(name, "util-linux")
                 msg = (
                     f"`{name}` is not installed; the bubblewrap backend needs bwrap, nsenter, "
-                    f"setpriv and prlimit (e.g. `apt-get install {package}`)"
+                    f"setpriv, prlimit and python3 (plus unshare and mount for sandboxes with "
+                    f"network access), e.g. `apt-get install {package}`"
                 )
                 raise SandboxUnavailable(msg, op="tools")
             path = self._tools[name] = found
@@ -632,7 +777,7 @@ class BubblewrapBackend:
     async def ping(self) -> str:
         _require_root()
         bwrap = self._tool("bwrap")
-        for tool in ("nsenter", "setpriv", "prlimit"):
+        for tool in _TOOLS:
             self._tool(tool)
         version = await anyio.run_process([bwrap, "--version"], env=_HOST_ENV, check=False)
         text = version.stdout.decode(errors="replace").strip() or "bubblewrap (unknown version)"
@@ -883,7 +1028,7 @@ class BubblewrapBackend:
             (etc / file_name).chmod(0o644)
         self._save_state_sync(directory, state)
 
-    def _bwrap_argv(self, directory: Path, state: _State, info_fd: int) -> list[str]:
+    def _bwrap_argv(self, directory: Path, state: _State, fds: _LaunchFds) -> list[str]:
         """bwrap's options (they travel through `--args`); the payload command follows them."""
         args = ["--unshare-user", "--disable-userns", "--unshare-pid", "--unshare-net"]
         args += ["--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try"]
@@ -914,16 +1059,22 @@ class BubblewrapBackend:
         for sub, dest in _PRIVATE_DIRS.items():
             args += ["--bind", str(directory / sub), dest]
         if state.egress_socket_dir is not None:
-            # The only way out, as with Docker: a forwarder to the server's proxy socket.
-            args += ["--ro-bind", state.egress_socket_dir, CONTAINER_SOCKET_DIR]
-            args += ["--ro-bind", str(FORWARDER_PATH), CONTAINER_FORWARDER_PATH]
-        args += ["--remount-ro", "/", "--chdir", WORKSPACE, "--info-fd", str(info_fd)]
+            assert fds.forwarder is not None
+            # The only way out, as with Docker: a forwarder to the server's proxy socket. The
+            # socket's directory is private to root on the host; the launcher bind-mounts it at
+            # `egress/` in a mount namespace of its own, where bwrap (the sandbox uid) reaches it.
+            args += ["--ro-bind", str(directory / _EGRESS_MOUNT), CONTAINER_SOCKET_DIR]
+            args += ["--perms", "0444", "--ro-bind-data", str(fds.forwarder)]
+            args += [CONTAINER_FORWARDER_PATH]
+        args += ["--remount-ro", "/", "--chdir", WORKSPACE, "--info-fd", str(fds.info)]
+        # Last: bwrap applies it to its pid-1 reaper and the payload, right before they run.
+        args += ["--seccomp", str(fds.seccomp)]
         return args
 
     async def _start(self, directory: Path, state: _State) -> None:
         """Start the sandbox's init (limits first) and record its pid in `state.json`."""
         bwrap = self._tool("bwrap")
-        for tool in ("nsenter", "setpriv", "prlimit"):
+        for tool in _TOOLS if state.egress_socket_dir is None else (*_TOOLS, "unshare", "mount"):
             self._tool(tool)
         limits = state.spec_limits()
         state.cgroups, state.limit_mode = [], "rlimit"
@@ -953,42 +1104,58 @@ class BubblewrapBackend:
             await anyio.to_thread.run_sync(self._save_state_sync, directory, state)
 
     def _launch_sync(self, bwrap: str, directory: Path, state: _State) -> tuple[int, int]:
-        info_r, info_w = os.pipe()
-        ready_r, ready_w = os.pipe()
-        # bwrap reads its arguments from a memfd, so the sandbox's /proc/1/cmdline shows
-        # `bwrap --args N` instead of host paths.
-        args_fd = os.memfd_create("bwrap-args", 0)
-        log_fd = os.open(directory / "bwrap.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        ours: list[int] = []  # read ends this process keeps
+        theirs: list[int] = []  # handed to bwrap, closed here once it runs
         try:
-            args = self._bwrap_argv(directory, state, info_w)
-            os.write(args_fd, b"".join(a.encode() + b"\0" for a in args))
-            os.lseek(args_fd, 0, os.SEEK_SET)
+            for read_end, write_end in (os.pipe(), os.pipe(), os.pipe()):
+                ours.append(read_end)
+                theirs.append(write_end)
+            (info_r, ready_r, err_r), (info_w, ready_w, err_w) = ours, theirs
+            # Arguments, filter and forwarder reach bwrap as memfds: the sandbox's /proc/1/cmdline
+            # shows `bwrap --args N` instead of host paths, and no host path is involved that
+            # the sandbox uid would have to be able to reach.
+            launch = _LaunchFds(info=info_w, seccomp=_memfd("bwrap-seccomp", FILTER, theirs))
+            if state.egress_socket_dir is not None:
+                script = FORWARDER_PATH.read_bytes()
+                launch.forwarder = _memfd("egress-forwarder", script, theirs)
+            args = self._bwrap_argv(directory, state, launch)
+            args_fd = _memfd("bwrap-args", b"".join(a.encode() + b"\0" for a in args), theirs)
             argv: list[str] = []
             if state.cgroups:
                 procs = [f"{d}/cgroup.procs" for d in state.cgroups]
                 argv += [self._tool("sh"), "-c", _JOIN_CGROUPS, "sh", *procs, "--"]
+            if state.egress_socket_dir is not None:
+                mountpoint = directory / _EGRESS_MOUNT
+                mountpoint.mkdir(mode=0o755, exist_ok=True)
+                argv += [self._tool("unshare"), "--mount", "--propagation", "private", "--"]
+                argv += [self._tool("sh"), "-c", _PRIVATE_BIND, "sh", self._tool("mount")]
+                argv += [state.egress_socket_dir, str(mountpoint)]
             argv += [*self._as_user(state.uid, state.gid), bwrap, "--args", str(args_fd)]
             argv += ["--", "/bin/sh", "-c", state.payload()]
             process = subprocess.Popen(
                 argv,
                 stdin=subprocess.DEVNULL,
                 stdout=ready_w,
-                stderr=log_fd,
-                pass_fds=(info_w, args_fd),
+                # A pipe, not a host file: bwrap's pid 1 keeps its stderr for the sandbox's life.
+                stderr=err_w,
+                pass_fds=[fd for fd in theirs if fd not in (ready_w, err_w)],
                 env=_HOST_ENV,
                 start_new_session=True,
             )
         except OSError as exc:
-            for fd in (info_r, info_w, ready_r, ready_w, args_fd, log_fd):
+            for fd in ours + theirs:
                 os.close(fd)
-            msg = f"could not run bwrap: {exc}"
+            msg = f"could not run bwrap for sandbox {state.name}: {exc}"
             raise SandboxUnavailable(msg, op="create") from exc
-        for fd in (info_w, ready_w, args_fd, log_fd):
+        for fd in theirs:
             os.close(fd)
-        # The outer bwrap stays our child for the sandbox's life; reap it whenever it ends.
-        threading.Thread(target=process.wait, name=f"bwrap-{state.name}", daemon=True).start()
         try:
-            pid, ready = self._await_ready_sync(info_r, ready_r)
+            pid, ready, errors = self._await_ready_sync(info_r, ready_r, err_r)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.kill(process.pid, signal.SIGKILL)
+            _reap_in_background(process, err_r, state.name)
+            raise
         finally:
             os.close(info_r)
             os.close(ready_r)
@@ -999,31 +1166,47 @@ class BubblewrapBackend:
                 if victim is not None:
                     with contextlib.suppress(OSError):
                         os.kill(victim, signal.SIGKILL)
+            # What bwrap said before it ended (or was killed just now) is still in the pipe.
+            errors = _read_tail(err_r, errors, timeout=2.0)
+            _reap_in_background(process, None, state.name)
+            os.close(err_r)
             problem = "did not set the sandbox up in time" if ready is None else "failed"
-            msg = f"bwrap {problem} for sandbox {state.name}{self._log_tail(directory)}"
+            text = errors.decode(errors="replace").strip()
+            detail = f": {text[-_ERR_TAIL:]}" if text else ""
+            msg = f"bwrap {problem} for sandbox {state.name}{detail}"
             raise SandboxExecError(msg, op="create")
+        # The outer bwrap stays our child for the sandbox's life: reap it when it ends, and keep
+        # its stderr (and its pid 1's) drained meanwhile so a late message never blocks them.
+        _reap_in_background(process, err_r, state.name)
         return pid, start_time
 
-    def _await_ready_sync(self, info_r: int, ready_r: int) -> tuple[int | None, bool | None]:
+    def _await_ready_sync(
+        self, info_r: int, ready_r: int, err_r: int
+    ) -> tuple[int | None, bool | None, bytes]:
         """Read bwrap's info JSON (the init's pid) and the payload's ready line, bounded.
 
-        Returns the pid (None if never reported) and whether the payload reported ready (None
-        when the deadline passed first).
+        Returns the pid (None if never reported), whether the payload reported ready (None
+        when the deadline passed first) and the tail of what bwrap wrote to stderr meanwhile.
         """
         deadline = time.monotonic() + self._start_timeout
-        info, ready = b"", b""
+        info, ready, errors = b"", b"", b""
         # poll, not select: a busy server's descriptors can exceed FD_SETSIZE.
         poller = select.poll()
-        for fd in (info_r, ready_r):
+        for fd in (info_r, ready_r, err_r):
             poller.register(fd, select.POLLIN)
         pending = {info_r, ready_r}
         pid: int | None = None
         while pending:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                return pid, None
+                return pid, None, errors
             for fd, _ in poller.poll(remaining * 1000):
                 chunk = os.read(fd, 65536)
+                if fd == err_r:
+                    errors = (errors + chunk)[-_ERR_TAIL:]
+                    if not chunk:
+                        poller.unregister(err_r)
+                    continue
                 if fd == info_r:
                     info += chunk
                     with contextlib.suppress(ValueError, KeyError, TypeError):
@@ -1037,15 +1220,7 @@ class BubblewrapBackend:
                         poller.unregister(ready_r)
                 if not chunk:
                     pending.clear()
-        return pid, b"ready\n" in ready
-
-    @staticmethod
-    def _log_tail(directory: Path) -> str:
-        try:
-            text = (directory / "bwrap.log").read_text(errors="replace").strip()
-        except OSError:
-            return ""
-        return f": {text[-500:]}" if text else ""
+        return pid, b"ready\n" in ready, errors
 
     async def _stop_locked(self, state: _State) -> None:
         if state.pid is not None:
@@ -1091,37 +1266,43 @@ class BubblewrapBackend:
     def enter_argv(self, state: _State, argv: Sequence[str], *, user: str) -> list[str]:
         """The host argv that runs `argv` as `user` inside the sandbox's namespaces, in /workspace.
 
-        The sandbox user enters the user namespace too (`nsenter --all`); any other user joins
-        every namespace but the user one, as that host uid, with every capability dropped (the
-        bounding set included) -- like Docker's `exec --user 0` under `cap_drop=ALL`.
+        The sandbox user enters the user namespace too; any other user joins every namespace
+        but the user one, as that host uid -- like Docker's `exec --user 0` under
+        `cap_drop=ALL`. Either way the process ends with every capability set empty (the
+        bounding set included), `NoNewPrivs` and the sandbox's seccomp filter (see `_ENTER`).
         """
         uid, gid = _parse_user(user)
         assert state.pid is not None
         limits = state.spec_limits()
-        command: list[str] = []
+        # As on Docker: no file may outgrow the workspace limit (uploads up to their tmpfs size
+        # must still fit); the total is checked after commands (see sandbox.shell).
+        max_file = max(limits.workspace_bytes, limits.uploads_bytes)
+        command = [self._tool("prlimit"), f"--fsize={max_file}"]
         if state.cgroups:
             procs = [f"{d}/cgroup.procs" for d in state.cgroups]
-            command += [self._tool("sh"), "-c", _JOIN_CGROUPS, "sh", *procs, "--"]
+            command += ["--", self._tool("sh"), "-c", _JOIN_CGROUPS, "sh", *procs, "--"]
         else:
-            command += [self._tool("prlimit"), f"--nproc={limits.pids}"]
-            command += [f"--data={limits.memory_bytes}", "--"]
+            command += [f"--nproc={limits.pids}", f"--data={limits.memory_bytes}", "--"]
         nsenter = [self._tool("nsenter"), f"--target={state.pid}"]
-        setpriv = [self._tool("setpriv")]
-        if (uid, gid) == (state.uid, state.gid):
-            nsenter += ["--all", f"--setuid={uid}", f"--setgid={gid}"]
-            setpriv += ["--no-new-privs", "--inh-caps=-all"]
-        else:
-            nsenter += ["--mount", "--uts", "--ipc", "--net", "--pid", "--cgroup"]
-            setpriv += [f"--reuid={uid}", f"--regid={gid}", "--clear-groups"]
-            setpriv += ["--inh-caps=-all", "--bounding-set=-all", "--no-new-privs"]
+        nsenter += ["--mount", "--uts", "--ipc", "--net", "--pid", "--cgroup"]
         nsenter += ["--root", f"--wdns={WORKSPACE}"]
         # Tools below run inside the sandbox's mount namespace, from its read-only /usr.
-        setpriv += ["--pdeathsig=KILL", "--"]
         env = ["/usr/bin/env", "-i", *(f"{k}={v}" for k, v in state.env.items())]
         if "=" in argv[0]:
             # env would take it for an assignment.
             argv = ["sh", "-c", 'exec "$@"', "sh", *argv]
-        return [*command, *nsenter, *setpriv, *env, *argv]
+        enter = [self._tool("python3"), "-I", "-S", "-B", "-c", _ENTER, FILTER.hex()]
+        if (uid, gid) == (state.uid, state.gid):
+            # The sandbox's own pid 1 is `state.pid`: its user namespace is the sandbox's.
+            enter += ["/proc/1/ns/user", str(uid), str(gid)]
+            filtered = [*enter, *env, *argv]
+        else:
+            enter += ["-", str(uid), str(gid)]
+            setpriv = [self._tool("setpriv"), f"--reuid={uid}", f"--regid={gid}"]
+            setpriv += ["--clear-groups", "--inh-caps=-all", "--bounding-set=-all"]
+            setpriv += ["--no-new-privs", "--pdeathsig=KILL", "--"]
+            filtered = [*enter, *setpriv, *env, *argv]
+        return [*command, *nsenter, *filtered]
 
 
 # --------------------------------------------------------------------------------- helpers

@@ -25,6 +25,7 @@ from .base import (
     OUTPUTS_DIR,
     UPLOADS_DIR,
     WORKSPACE,
+    ByteSink,
     ExecResult,
     ImageRecipe,
     SandboxInfo,
@@ -48,6 +49,9 @@ _GO = b"\n"
 # Every one-shot exec first waits for one line on stdin: output can then only start after
 # docker-py has finished reading the upgrade response, so no byte is lost in its buffer.
 _ONE_SHOT_PRELUDE = 'read -r _ || exit 125; exec "$@"'
+WORKSPACE_LIMIT_LABEL = "managed-agents-mcp.sandbox.workspace-bytes"
+"""Remembers `Limits.workspace_bytes` on the container, for handles made by `attach`."""
+STREAM_STDERR_LIMIT = 64 << 10
 
 
 def _user_ids(user: str) -> tuple[str, str]:
@@ -115,12 +119,20 @@ class _HijackedExec:
 class DockerSandbox(ShellSandbox):
     """A running session container."""
 
-    def __init__(self, backend: DockerBackend, container_id: str, name: str, user: str) -> None:
+    def __init__(
+        self,
+        backend: DockerBackend,
+        container_id: str,
+        name: str,
+        user: str,
+        *,
+        workspace_limit: int | None = None,
+    ) -> None:
         self._backend = backend
         self.container_id = container_id
         self._name = name
         self.user = user
-        super().__init__()
+        super().__init__(workspace_limit=workspace_limit)
 
     @property
     def id(self) -> str:
@@ -143,13 +155,64 @@ class DockerSandbox(ShellSandbox):
         timeout: float = 60.0,
         max_output: int = 64 << 20,
     ) -> ExecResult:
+        out = bytearray()
+
+        async def keep(chunk: bytes) -> None:
+            out.extend(chunk)
+
+        exit_code, err = await self._run(
+            argv,
+            keep,
+            user=user,
+            stdin=stdin,
+            timeout=timeout,
+            max_output=max_output,
+            max_stderr=max_output,
+        )
+        return ExecResult(exit_code=exit_code, stdout=bytes(out), stderr=err)
+
+    async def exec_stream(
+        self,
+        argv: Sequence[str],
+        sink: ByteSink,
+        *,
+        user: str | None = None,
+        stdin: bytes | None = None,
+        timeout: float = 60.0,
+    ) -> ExecResult:
+        """See `Sandbox.exec_stream`: each stdout frame goes to `sink` as it arrives, and the
+        exec socket is not read while `sink` waits, so a slow consumer holds the producer back."""
+        exit_code, err = await self._run(
+            argv,
+            sink,
+            user=user,
+            stdin=stdin,
+            timeout=timeout,
+            max_output=None,
+            max_stderr=STREAM_STDERR_LIMIT,
+        )
+        return ExecResult(exit_code=exit_code, stdout=b"", stderr=err)
+
+    async def _run(
+        self,
+        argv: Sequence[str],
+        on_stdout: ByteSink,
+        *,
+        user: str | None,
+        stdin: bytes | None,
+        timeout: float,
+        max_output: int | None,
+        max_stderr: int,
+    ) -> tuple[int, bytes]:
+        """Run a one-shot command; return its exit code and (the start of) its stderr."""
         channel = await self._backend.open_exec(
             self.container_id,
             ["sh", "-c", _ONE_SHOT_PRELUDE, "sh", *argv],
             user=user or self.user,
             workdir=WORKSPACE,
         )
-        out, err = bytearray(), bytearray()
+        err = bytearray()
+        total = 0
         try:
             with anyio.fail_after(timeout):
                 await channel.send(_GO + (stdin or b""))
@@ -159,18 +222,26 @@ class DockerSandbox(ShellSandbox):
                         kind, payload = await channel.receive_frame()
                     except (anyio.EndOfStream, anyio.BrokenResourceError):
                         break
-                    target = err if kind == 2 else out
-                    if len(out) + len(err) + len(payload) > max_output:
+                    total += len(payload)
+                    if max_output is not None and total > max_output:
                         msg = f"output of {argv[0]!r} exceeded {max_output} bytes"
                         raise SandboxExecError(msg, op="exec")
-                    target += payload
+                    if kind == 2:
+                        err += payload[: max(0, max_stderr - len(err))]
+                    else:
+                        await on_stdout(payload)
         except TimeoutError as exc:
             msg = f"{argv[0]!r} did not finish within {timeout:g} s"
             raise SandboxExecError(msg, op="exec") from exc
         finally:
             await channel.aclose()
         exit_code = await self._backend.exec_exit_code(channel.exec_id)
-        return ExecResult(exit_code=exit_code, stdout=bytes(out), stderr=bytes(err))
+        return exit_code, bytes(err)
+
+    async def _restart_sandbox(self) -> None:
+        """`docker restart`: init gets SIGKILL, so every process of the container ends; the
+        workspace volume stays, the tmpfs mounts come back empty."""
+        await self._backend.restart(self.container_id)
 
 
 class DockerBackend:
@@ -259,7 +330,13 @@ class DockerBackend:
         container_id = await self._call(
             "create", functools.partial(self._create_sync, spec), image=spec.image
         )
-        sandbox = DockerSandbox(self, container_id, spec.name, spec.user)
+        sandbox = DockerSandbox(
+            self,
+            container_id,
+            spec.name,
+            spec.user,
+            workspace_limit=spec.limits.workspace_bytes,
+        )
         # Open the shell now, so the first tool call pays nothing for it.
         try:
             await sandbox.run_shell("true", timeout=30)
@@ -271,7 +348,7 @@ class DockerBackend:
         return sandbox
 
     def _create_sync(self, spec: SandboxSpec, client: docker.DockerClient) -> str:
-        from docker.types import LogConfig, Mount
+        from docker.types import LogConfig, Mount, Ulimit
 
         uid, gid = _user_ids(spec.user)
         limits = spec.limits
@@ -288,6 +365,10 @@ class DockerBackend:
             **spec.env,
         }
         owned = f"uid={uid},gid={gid},mode=0755"
+        # No file may outgrow the workspace limit (uploads of up to their tmpfs size must still
+        # be mountable); the total is checked after commands (see sandbox.shell).
+        max_file = max(limits.workspace_bytes, limits.uploads_bytes)
+        labels = {**spec.labels, WORKSPACE_LIMIT_LABEL: str(limits.workspace_bytes)}
         mounts = [Mount(target=WORKSPACE, source=volume, type="volume")]
         command = IDLE_COMMAND
         if spec.egress_socket_dir is not None:
@@ -314,7 +395,7 @@ class DockerBackend:
                 command=command,
                 name=spec.name,
                 hostname="sandbox",
-                labels=dict(spec.labels),
+                labels=labels,
                 environment=env,
                 user=spec.user,
                 working_dir=WORKSPACE,
@@ -331,6 +412,7 @@ class DockerBackend:
                 init=True,
                 ipc_mode="private",
                 pids_limit=limits.pids,
+                ulimits=[Ulimit(name="fsize", soft=max_file, hard=max_file)],
                 mem_limit=limits.memory_bytes,
                 memswap_limit=limits.memory_bytes,
                 nano_cpus=int(limits.cpus * 1e9),
@@ -363,28 +445,47 @@ class DockerBackend:
         return await self._call("inspect", find)
 
     async def attach(self, sandbox_id: str) -> DockerSandbox:
-        def find(client: docker.DockerClient) -> tuple[str, str]:
+        def find(client: docker.DockerClient) -> tuple[str, str, str]:
             container = client.containers.get(sandbox_id)
             if container.status != "running":
                 container.start()
-            return str(container.id), str(container.attrs["Config"].get("User") or "0")
+            config = container.attrs["Config"]
+            limit = (config.get("Labels") or {}).get(WORKSPACE_LIMIT_LABEL) or ""
+            return str(container.id), str(config.get("User") or "0"), limit
 
-        container_id, user = await self._call("attach", find)
-        return DockerSandbox(self, container_id, sandbox_id, user)
+        container_id, user, limit = await self._call("attach", find)
+        workspace_limit = int(limit) if limit.isdigit() else None
+        return DockerSandbox(self, container_id, sandbox_id, user, workspace_limit=workspace_limit)
+
+    async def restart(self, container_id: str) -> None:
+        """Restart a container at once (no grace period): all its processes end.
+
+        Raises:
+            SandboxNotFound: it no longer exists.
+        """
+
+        def restart(client: docker.DockerClient) -> None:
+            client.api.restart(container_id, timeout=0)
+
+        await self._call("restart", restart)
 
     async def list(self, labels: Mapping[str, str]) -> list[SandboxInfo]:
         def find(client: docker.DockerClient) -> list[SandboxInfo]:
             filters: dict[str, str | list[str] | bool] = {
                 "label": [f"{k}={v}" for k, v in labels.items()]
             }
+            # The low-level call is one request: `containers.list` inspects each container
+            # afterwards and fails when one is removed meanwhile (another server's sweep).
+            found: list[dict[str, Any]] = client.api.containers(all=True, filters=filters)
             return [
                 SandboxInfo(
-                    id=str(c.name),
-                    name=str(c.name),
-                    labels=dict(c.labels),
-                    running=c.status == "running",
+                    id=c["Names"][0].lstrip("/"),
+                    name=c["Names"][0].lstrip("/"),
+                    labels=dict(c.get("Labels") or {}),
+                    running=c.get("State") == "running",
                 )
-                for c in client.containers.list(all=True, filters=filters)
+                for c in found
+                if c.get("Names")
             ]
 
         return await self._call("list", find)

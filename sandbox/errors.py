@@ -98,6 +98,7 @@ def map_docker_errors(op: str, *, image: str | None = None) -> Iterator[None]:
         msg = f"{op}: Docker refused the request: {exc.explanation or exc}"
         raise SandboxError(msg, op=op, retryable=exc.is_server_error()) from exc
     except (requests.exceptions.ConnectionError, ConnectionError, FileNotFoundError) as exc:
+        _close_failed_connect_sockets(exc)
         msg = (
             f"{op}: the Docker daemon is not reachable ({type(exc).__name__}); start Docker "
             "or point DOCKER_HOST at a running daemon"
@@ -109,3 +110,26 @@ def map_docker_errors(op: str, *, image: str | None = None) -> Iterator[None]:
             "DOCKER_HOST at a running daemon"
         )
         raise SandboxUnavailable(msg, op=op, retryable=True) from exc
+
+
+def _close_failed_connect_sockets(exc: BaseException) -> None:
+    """Close the sockets docker-py leaves open when connecting fails.
+
+    `docker/transport/unixconn.py` creates a socket per connection attempt and does not close
+    it when `connect()` raises, so with the daemon down every call would leak a descriptor
+    until garbage collection. The socket is still reachable from the failed frame.
+    """
+    import socket
+
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        tb = current.__traceback__
+        while tb is not None:
+            if tb.tb_frame.f_code.co_name == "connect":
+                sock = tb.tb_frame.f_locals.get("sock")
+                if isinstance(sock, socket.socket):
+                    sock.close()
+            tb = tb.tb_next
+        current = current.__cause__ or current.__context__

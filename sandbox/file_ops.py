@@ -20,6 +20,15 @@ READ_FILE_SCRIPT = (
     '[ -f "$f" ] || exit 4; '
     'n=$(wc -c < "$f"); [ "$n" -le "$max" ] || { echo "$n"; exit 5; }; exec cat -- "$f"'
 )
+# $1 path, $2 offset, $3 length, $4.. allowed roots: prints the size on a line, then the bytes.
+READ_RANGE_SCRIPT = (
+    'f=$1; off=$2; len=$3; shift 3; [ -e "$f" ] || exit 3; '
+    'if [ $# -gt 0 ]; then r=$(realpath -e -- "$f") || exit 3; ok=; '
+    'for root in "$@"; do case "$r/" in "$root"/*) ok=1;; esac; done; [ -n "$ok" ] || exit 6; '
+    "f=$r; fi; "
+    '[ -f "$f" ] || exit 4; n=$(wc -c < "$f"); [ "$off" -le "$n" ] || { echo "$n"; exit 7; }; '
+    'echo "$n"; tail -c +$((off + 1)) -- "$f" | head -c "$len"'
+)
 WRITE_FILE_SCRIPT = (
     'd=$(dirname -- "$1"); mkdir -p -- "$d" && cat > "$1" && { [ -z "$2" ] || chmod "$2" "$1"; }'
 )
@@ -38,6 +47,28 @@ async def read_file(exec_: Exec, path: str, *, max_bytes: int, roots: Sequence[s
         4: "not a regular file",
         5: f"file is {result.stdout.decode().strip()} bytes, over the {max_bytes}-byte limit",
         6: "resolves (through a symlink) outside the allowed directories " + ", ".join(roots),
+    }
+    reason = reasons.get(result.exit_code) or result.stderr.decode(errors="replace").strip()
+    msg = f"{path}: {reason or f'cannot read (exit {result.exit_code})'}"
+    raise SandboxPathError(msg, op="read_file")
+
+
+async def read_range(
+    exec_: Exec, path: str, *, offset: int, length: int, roots: Sequence[str] = ()
+) -> tuple[bytes, int]:
+    """Up to `length` bytes of a file from byte `offset`, and the file's total size."""
+    result = await exec_(
+        ["sh", "-c", READ_RANGE_SCRIPT, "sh", path, str(offset), str(length), *roots],
+        max_output=length + 4096,
+    )
+    if result.exit_code == 0:
+        size, _, data = result.stdout.partition(b"\n")
+        return data, int(size)
+    reasons: dict[int, Any] = {
+        3: "no such file",
+        4: "not a regular file",
+        6: "resolves (through a symlink) outside the allowed directories " + ", ".join(roots),
+        7: f"offset {offset} is past the end of the file ({result.stdout.decode().strip()} bytes)",
     }
     reason = reasons.get(result.exit_code) or result.stderr.decode(errors="replace").strip()
     msg = f"{path}: {reason or f'cannot read (exit {result.exit_code})'}"

@@ -66,6 +66,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     commands.add_parser("token", help="print the HTTP token (created on first use)")
 
+    sessions = commands.add_parser("sessions", help="list sessions: status, age, last message")
+    sessions.add_argument("--all", action="store_true", help="include archived sessions")
+    sessions.add_argument("--limit", type=int, default=30)
+    sessions.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    tail = commands.add_parser("tail", help="follow a session's events live (Ctrl-C to stop)")
+    tail.add_argument("session_id")
+    tail.add_argument("--json", action="store_true", help="one JSON event per line")
+    tail.add_argument("--history", action="store_true", help="print past events first")
+
+    shell = commands.add_parser("shell", help="open an interactive shell in a session's sandbox")
+    shell.add_argument("session_id")
+
+    files = commands.add_parser("files", help="list a session's output files, or download them")
+    files.add_argument("session_id")
+    files.add_argument("--download", type=Path, metavar="DIR", help="save them all into DIR")
+
     commands.add_parser("doctor", help="check Docker, the sandbox image, the API key, the data dir")
 
     image = commands.add_parser("image", help="manage the sandbox image")
@@ -91,6 +108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _serve(args)
     if args.command == "token":
         return _token()
+    if args.command in ("sessions", "tail", "shell", "files"):
+        return _human(args)
     if args.command == "doctor":
         return _doctor()
     return _image_build(args)
@@ -130,7 +149,13 @@ def _serve_http(args: argparse.Namespace, settings: Any) -> int:
 
         from server.app import build_server, open_services
         from server.http import build_http_app
-        from server.rest import routes
+        from server.rest import end_streams, routes
+
+        class Server(uvicorn.Server):
+            async def shutdown(self, sockets: Any = None) -> None:
+                # uvicorn waits for open responses, and REST event streams never end alone.
+                end_streams(app)
+                await super().shutdown(sockets)
 
         async with open_services(settings) as services:
             app = build_http_app(
@@ -150,10 +175,24 @@ def _serve_http(args: argparse.Namespace, settings: Any) -> int:
                 "" if token is None else " (token: `managed-agents-mcp token`)",
                 settings.home,
             )
-            await uvicorn.Server(config).serve()
+            await Server(config).serve()
 
     anyio.run(run)
     return 0
+
+
+def _human(args: argparse.Namespace) -> int:
+    from server import human
+    from server.settings import Settings
+
+    settings = Settings.from_env()
+    if args.command == "sessions":
+        return human.run(human.sessions_command, settings, args.all, args.limit, args.json)
+    if args.command == "tail":
+        return human.run(human.tail_command, settings, args.session_id, args.json, args.history)
+    if args.command == "shell":
+        return human.run(human.shell_command, settings, args.session_id)
+    return human.run(human.files_command, settings, args.session_id, args.download)
 
 
 def _token() -> int:

@@ -23,6 +23,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from server.core.ids import new_id
+
 if TYPE_CHECKING:
     from mcp.server.mcpserver import MCPServer
 
@@ -63,9 +65,13 @@ def load_token(home: Path, configured: str | None) -> str:
 
 
 def _error(status: int, error_type: str, message: str) -> JSONResponse:
-    return JSONResponse(
-        {"type": "error", "error": {"type": error_type, "message": message}}, status_code=status
-    )
+    """The API's error envelope (as the REST routes answer)."""
+    body = {
+        "type": "error",
+        "error": {"type": error_type, "message": message},
+        "request_id": new_id("req"),
+    }
+    return JSONResponse(body, status_code=status)
 
 
 class SecurityMiddleware:

@@ -111,6 +111,9 @@ class Settings:
     model_retries: int = 4
     retry_delay: float = 1.0
     max_model_requests: int = 200
+    """Model requests one user message may cause before its turn is stopped."""
+    max_tool_calls: int = 500
+    """Tool calls one user message may cause before its turn is stopped."""
     max_tool_timeout: float = 600.0
     max_upload_bytes: int = 500 << 20
     build_network: str | None = None
@@ -120,6 +123,8 @@ class Settings:
     ca_bundle: bytes | None = None
     warm_pool: int = 1
     """Ready containers kept per environment recipe (0 turns the pool off)."""
+    default_model: str = "claude-sonnet-4-6"
+    """Model of the built-in agent `run_task` uses when no agent is given."""
     token: str | None = None
     """HTTP token (MANAGED_AGENTS_TOKEN); generated into `<home>/token` when unset."""
     egress_hosts: Mapping[str, str] = field(default_factory=dict)
@@ -148,6 +153,7 @@ class Settings:
             model_retries=int(_number(env, "MANAGED_AGENTS_MODEL_RETRIES", 4)),
             retry_delay=_number(env, "MANAGED_AGENTS_RETRY_DELAY", 1.0),
             max_model_requests=int(_number(env, "MANAGED_AGENTS_MAX_MODEL_REQUESTS", 200)),
+            max_tool_calls=int(_number(env, "MANAGED_AGENTS_MAX_TOOL_CALLS", 500)),
             max_upload_bytes=int(_number(env, "MANAGED_AGENTS_MAX_UPLOAD_MB", 500) * (1 << 20)),
             build_network=_build_network(_get(env, "MANAGED_AGENTS_BUILD_NETWORK")),
             build_args={k: v for k in BUILD_PASSTHROUGH if (v := _get(env, k) or "")},
@@ -155,6 +161,7 @@ class Settings:
             warm_pool=int(_number(env, "MANAGED_AGENTS_WARM_POOL", 1)),
             egress_hosts=_pairs(env, "MANAGED_AGENTS_EGRESS_HOSTS"),
             token=_get(env, "MANAGED_AGENTS_TOKEN"),
+            default_model=_get(env, "MANAGED_AGENTS_DEFAULT_MODEL") or "claude-sonnet-4-6",
             limits=limits,
         )
         return replace(settings, **overrides) if overrides else settings  # type: ignore[arg-type]

@@ -8,7 +8,7 @@ from typing import Any
 
 from .clock import now
 from .errors import ConflictError, InvalidRequestError, NotFoundError
-from .ids import new_id
+from .idempotency import IdempotencyKeys, create_once
 from .models import (
     BUILTIN_TOOL_NAMES,
     AgentCreateParams,
@@ -26,6 +26,7 @@ from .store import (
     Json,
     Order,
     Page,
+    TimeFilter,
     decode_cursor,
     dumps,
     encode_cursor,
@@ -129,13 +130,28 @@ def _decode(row: sqlite3.Row) -> Json:
 class AgentService:
     """Create, read, update (versioned), list and archive agents."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, keys: IdempotencyKeys | None = None) -> None:
         self._db = db
+        self._keys = keys
 
-    async def create(self, params: AgentCreateParams) -> Json:
+    async def create(
+        self, params: AgentCreateParams, *, idempotency_key: str | None = None
+    ) -> Json:
+        """Create version 1 of a new agent (once per `idempotency_key`, see idempotency.py)."""
+        return await create_once(
+            self._keys,
+            "agents",
+            idempotency_key,
+            params.model_dump(mode="json"),
+            prefix="agent",
+            create=lambda agent_id: self._create(agent_id, params),
+            fetch=self.retrieve,
+        )
+
+    async def _create(self, agent_id: str, params: AgentCreateParams) -> Json:
         stamp = now()
         agent: Json = {
-            "id": new_id("agent"),
+            "id": agent_id,
             "type": "agent",
             **agent_config(
                 name=params.name,
@@ -298,18 +314,22 @@ class AgentService:
         page: str | None = None,
         include_archived: bool = False,
         order: Order = "desc",
+        created_at: TimeFilter | None = None,
     ) -> Page:
         inner = (
             "SELECT a.id AS id, v.body AS body, a.archived_at AS archived_at FROM agents a "
-            "JOIN agent_versions v ON v.agent_id = a.id AND v.version = a.latest_version"
+            "JOIN agent_versions v ON v.agent_id = a.id AND v.version = a.latest_version "
+            "WHERE 1=1"
         )
         if not include_archived:
-            inner += " WHERE a.archived_at IS NULL"
+            inner += " AND a.archived_at IS NULL"
+        clauses, args = (created_at or TimeFilter()).sql("a.created_at")
+        inner += clauses
         return await self._db.read(
             lambda c: paginate_by_id(
                 c,
                 f"SELECT * FROM ({inner}) WHERE 1=1",
-                (),
+                args,
                 limit=limit,
                 page=page,
                 order=order,
@@ -341,6 +361,19 @@ class AgentService:
             return Page([_decode(r) for r in rows], next_page)
 
         return await self._db.read(select)
+
+    async def find_by_metadata(self, key: str, value: str) -> Json | None:
+        """The oldest unarchived agent whose latest version has `metadata[key] == value`."""
+        row = await self._db.read(
+            lambda c: c.execute(
+                "SELECT v.body, a.archived_at FROM agents a JOIN agent_versions v "
+                "ON v.agent_id = a.id AND v.version = a.latest_version "
+                "WHERE a.archived_at IS NULL AND json_extract(v.body, '$.metadata.' || ?) = ? "
+                "ORDER BY a.id LIMIT 1",
+                (json.dumps(key), value),
+            ).fetchone()
+        )
+        return _decode(row) if row else None
 
     async def archive(self, agent_id: str) -> Json:
         """Make the agent read-only; new sessions refuse it, running ones go on."""

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from .clock import now
 from .errors import ConflictError, NotFoundError
-from .ids import new_id
+from .idempotency import IdempotencyKeys, create_once
 from .models import EnvironmentCreateParams, EnvironmentUpdateParams
 from .store import Database, Json, Order, Page, dumps, paginate_by_id
 
@@ -39,18 +39,42 @@ class EnvironmentService:
     building its image then).
     """
 
-    def __init__(self, db: Database, on_change: Callable[[Json], None] | None = None) -> None:
+    def __init__(
+        self,
+        db: Database,
+        on_change: Callable[[Json], None] | None = None,
+        keys: IdempotencyKeys | None = None,
+    ) -> None:
         self._db = db
         self._on_change = on_change
+        self._keys = keys
 
     def _changed(self, environment: Json) -> None:
         if self._on_change is not None:
             self._on_change(environment)
 
-    async def create(self, params: EnvironmentCreateParams) -> Json:
+    async def create(
+        self, params: EnvironmentCreateParams, *, idempotency_key: str | None = None
+    ) -> Json:
+        """Create an environment (once per `idempotency_key`, see idempotency.py).
+
+        Raises:
+            ConflictError: the name is taken.
+        """
+        return await create_once(
+            self._keys,
+            "environments",
+            idempotency_key,
+            params.model_dump(mode="json"),
+            prefix="env",
+            create=lambda environment_id: self._create(environment_id, params),
+            fetch=self.retrieve,
+        )
+
+    async def _create(self, environment_id: str, params: EnvironmentCreateParams) -> Json:
         stamp = now()
         environment: Json = {
-            "id": new_id("env"),
+            "id": environment_id,
             "type": "environment",
             "name": params.name,
             "description": params.description,
@@ -84,6 +108,14 @@ class EnvironmentService:
         if row is None:
             raise _not_found(environment_id)
         return _decode(row)
+
+    async def by_name(self, name: str) -> Json | None:
+        row = await self._db.read(
+            lambda c: c.execute(
+                "SELECT body, archived_at FROM environments WHERE name = ?", (name,)
+            ).fetchone()
+        )
+        return _decode(row) if row else None
 
     async def update(self, environment_id: str, params: EnvironmentUpdateParams) -> Json:
         """Apply `params`; the change reaches containers created afterwards.

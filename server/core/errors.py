@@ -16,14 +16,31 @@ Messages say what was wrong and what to do next: the MCP client's model reads th
 
 from __future__ import annotations
 
+import re
 from typing import ClassVar
+
+_LONG_WORD = re.compile(r"\S{121,}")
+
+
+def _clip_echoes(message: str) -> str:
+    """Shorten very long words (echoed ids, paths, values) so an error stays readable."""
+    return _LONG_WORD.sub(lambda m: f"{m[0][:60]}…({len(m[0])} characters)", message)
 
 
 class ManagedAgentsError(Exception):
-    """Root of every error the domain raises on purpose."""
+    """Root of every error the domain raises on purpose.
+
+    Messages often echo what the caller sent; very long words in them are clipped so that a
+    5,000-character id cannot flood the reader.
+    """
 
     code: ClassVar[str] = "api_error"
     status: ClassVar[int] = 500
+
+    def __init__(self, *args: object) -> None:
+        if args and isinstance(args[0], str):
+            args = (_clip_echoes(args[0]), *args[1:])
+        super().__init__(*args)
 
 
 class InvalidRequestError(ManagedAgentsError, ValueError):

@@ -20,7 +20,7 @@ import anyio.to_thread
 
 from .clock import now
 from .errors import InvalidRequestError, NotFoundError, RequestTooLargeError
-from .ids import new_id
+from .idempotency import IdempotencyKeys, create_once
 from .store import Database, Json, Page, dumps, paginate_by_id
 
 CHUNK = 1 << 20
@@ -177,13 +177,26 @@ def clean_filename(name: str) -> str:
 class FileService:
     """Upload, list, read and delete files; session-scoped copies for mounts and outputs."""
 
-    def __init__(self, db: Database, blobs: BlobStore, *, max_upload_bytes: int) -> None:
+    def __init__(
+        self,
+        db: Database,
+        blobs: BlobStore,
+        *,
+        max_upload_bytes: int,
+        keys: IdempotencyKeys | None = None,
+    ) -> None:
         self._db = db
         self.blobs = blobs
         self.max_upload_bytes = max_upload_bytes
+        self._keys = keys
 
-    async def upload_path(self, path: Path, *, filename: str | None = None) -> Json:
+    async def upload_path(
+        self, path: Path, *, filename: str | None = None, idempotency_key: str | None = None
+    ) -> Json:
         """Store a copy of the host file at `path`.
+
+        Uploads with an `idempotency_key` are recorded once per key and content (see
+        idempotency.py); the bytes are content-addressed, so a repeat stores nothing new.
 
         Raises:
             InvalidRequestError: the path is not a readable regular file, or looks like a secret.
@@ -221,7 +234,9 @@ class FileService:
             return source, sha, size
 
         source, sha, size = await anyio.to_thread.run_sync(copy)
-        return await self._insert(filename or source.name, sha, size)
+        return await self._insert(
+            filename or source.name, sha, size, idempotency_key=idempotency_key
+        )
 
     async def download_to(self, file_id: str, path: Path, *, overwrite: bool = False) -> Json:
         """Write the file's bytes to the host path `path`; return its metadata.
@@ -252,12 +267,41 @@ class FileService:
         return _decode(row)
 
     async def upload_bytes(
-        self, data: bytes, *, filename: str, mime_type: str | None = None
+        self,
+        data: bytes,
+        *,
+        filename: str,
+        mime_type: str | None = None,
+        idempotency_key: str | None = None,
     ) -> Json:
         sha, size = await anyio.to_thread.run_sync(
             lambda: self.blobs.put_bytes(data, limit=self.max_upload_bytes)
         )
-        return await self._insert(filename, sha, size, mime_type=mime_type)
+        return await self._insert(
+            filename, sha, size, mime_type=mime_type, idempotency_key=idempotency_key
+        )
+
+    async def upload_stream(
+        self,
+        source: IO[bytes],
+        *,
+        filename: str,
+        mime_type: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> Json:
+        """Store the bytes read from `source` (blocking reads, run in a worker thread).
+
+        Raises:
+            InvalidRequestError: `filename` is not usable (checked before anything is stored).
+            RequestTooLargeError: more than the upload limit arrived (nothing is kept).
+        """
+        filename = clean_filename(filename)
+        sha, size = await anyio.to_thread.run_sync(
+            lambda: self.blobs.put_stream(source, limit=self.max_upload_bytes)
+        )
+        return await self._insert(
+            filename, sha, size, mime_type=mime_type, idempotency_key=idempotency_key
+        )
 
     async def _insert(
         self,
@@ -269,10 +313,36 @@ class FileService:
         scope_id: str | None = None,
         origin: str = "upload",
         path: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> Json:
+        filename = clean_filename(filename)
+        request = {"filename": filename, "sha256": sha, "size": size, "mime_type": mime_type}
+        return await create_once(
+            self._keys,
+            "files",
+            idempotency_key,
+            request,
+            prefix="file",
+            create=lambda file_id: self._insert_as(
+                file_id, filename, sha, size, mime_type, scope_id, origin, path
+            ),
+            fetch=self.retrieve,
+        )
+
+    async def _insert_as(
+        self,
+        file_id: str,
+        filename: str,
+        sha: str,
+        size: int,
+        mime_type: str | None,
+        scope_id: str | None,
+        origin: str,
+        path: str | None,
     ) -> Json:
         record = file_object(
-            file_id=new_id("file"),
-            filename=clean_filename(filename),
+            file_id=file_id,
+            filename=filename,
             size=size,
             mime_type=mime_type,
             scope_id=scope_id,
@@ -376,6 +446,16 @@ class FileService:
         sha, size = await anyio.to_thread.run_sync(
             lambda: self.blobs.put_bytes(data, limit=max(self.max_upload_bytes, len(data)))
         )
+        return await self.record_output_blob(session_id, relative_path, sha, size)
+
+    async def record_output_blob(
+        self, session_id: str, relative_path: str, sha: str, size: int
+    ) -> tuple[Json, bool]:
+        """Like `record_output`, for bytes already in the blob store (`blobs.put_stream`).
+
+        Unchanged content (the same hash at the same path) leaves the record as it is.
+        Returns the record and whether it is new or changed.
+        """
         existing = await self._db.read(
             lambda c: c.execute(
                 "SELECT * FROM files WHERE scope_id = ? AND origin = 'output' AND path = ?",

@@ -302,6 +302,9 @@ class EnvironmentLimits(_Params):
     """Size of the /tmp tmpfs."""
     outputs_mb: Annotated[int, Field(ge=1, le=262_144)] | None = None
     """Size of the /mnt/session/outputs tmpfs."""
+    workspace_mb: Annotated[int, Field(ge=16, le=16_777_216)] | None = None
+    """How much /workspace may hold (default 10 GiB). Over it, commands cannot write files
+    until the agent deletes some; no single file can be larger (on Docker)."""
     command_timeout_s: Annotated[float, Field(gt=0, le=86_400)] | None = None
     """Longest a single bash command may run (the model may ask for less)."""
     turn_timeout_s: Annotated[float, Field(gt=0, le=604_800)] | None = None

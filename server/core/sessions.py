@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -17,6 +17,7 @@ from .agents import AgentService, normalize_model, normalize_tools
 from .clock import now
 from .environments import EnvironmentService
 from .errors import ConflictError, InvalidRequestError, NotFoundError
+from .idempotency import IdempotencyKeys, create_once
 from .ids import new_id
 from .instances import InstanceRegistry
 from .models import (
@@ -41,6 +42,7 @@ from .store import (
     Json,
     Order,
     Page,
+    TimeFilter,
     decode_cursor,
     dumps,
     encode_cursor,
@@ -79,9 +81,10 @@ class SessionRuntime(Protocol):
         ...
 
     async def read_file(
-        self, session_id: str, path: str, *, max_bytes: int, roots: Sequence[str]
-    ) -> bytes:
-        """Bytes of a file in the session's container whose real path is under `roots`.
+        self, session_id: str, path: str, *, offset: int, length: int, roots: Sequence[str]
+    ) -> tuple[bytes, int]:
+        """Up to `length` bytes from `offset` of a file in the session's container whose real
+        path is under `roots`, and the file's size.
 
         Raises:
             NotFoundError: no such file.
@@ -111,13 +114,21 @@ class WaitResult:
     """True when the session waits for input (idle or terminated) with nothing queued."""
 
 
+ANSWERS = ("user.tool_confirmation", "user.custom_tool_result")
+ACTION_EVENTS = ("agent.tool_use", "agent.custom_tool_use", "agent.tool_result", *ANSWERS)
+
+
 def _check_client_event(conn: sqlite3.Connection, session_id: str, payloads: list[Json]) -> None:
     """Send-time rules that need the log: answers must match open tool uses; files must exist."""
-    rows = conn.execute(
-        "SELECT processed_at, body FROM events WHERE session_id = ? ORDER BY position",
-        (session_id,),
-    ).fetchall()
-    open_ids = {e["id"]: e for e in outstanding_actions(event_from_row(r) for r in rows)}
+    open_ids: dict[str, Json] = {}
+    if any(p["type"] in ANSWERS for p in payloads):
+        # Only the events that open or settle an action: a long log is not decoded whole.
+        rows = conn.execute(
+            "SELECT processed_at, body FROM events WHERE session_id = ? "
+            f"AND type IN ({', '.join('?' for _ in ACTION_EVENTS)}) ORDER BY position",
+            (session_id, *ACTION_EVENTS),
+        ).fetchall()
+        open_ids = {e["id"]: e for e in outstanding_actions(event_from_row(r) for r in rows)}
     for payload in payloads:
         kind = payload["type"]
         if kind == "user.tool_confirmation":
@@ -162,7 +173,9 @@ class SessionService:
         instances: InstanceRegistry,
         runtime: SessionRuntime,
         resources: ResourceService,
+        keys: IdempotencyKeys | None = None,
     ) -> None:
+        self._keys = keys
         self._store = store
         self._db = store.db
         self._agents = agents
@@ -173,11 +186,14 @@ class SessionService:
 
     # ------------------------------------------------------------------------------ lifecycle
 
-    async def create(self, params: SessionCreateParams) -> Json:
+    async def create(
+        self, params: SessionCreateParams, *, idempotency_key: str | None = None
+    ) -> Json:
         """Create a session and its container; with `initial_events` it starts running.
 
         Resources are validated before anything is created, and a failure at any step leaves
-        nothing behind.
+        nothing behind. A repeat with the same `idempotency_key` returns the first session
+        (see idempotency.py).
 
         Raises:
             NotFoundError: unknown agent, version, environment or file.
@@ -185,6 +201,21 @@ class SessionService:
             InvalidRequestError: a resource is malformed.
             BackendUnavailableError: the container could not be created.
         """
+        return await create_once(
+            self._keys,
+            "sessions",
+            idempotency_key,
+            params.model_dump(mode="json"),
+            prefix="sesn",
+            create=lambda session_id: self._create(session_id, params),
+            fetch=self.retrieve,
+        )
+
+    async def create_as(self, session_id: str, params: SessionCreateParams) -> Json:
+        """`create` with a given (fresh) id, for callers that hold an idempotency key."""
+        return await self._create(session_id, params)
+
+    async def _create(self, session_id: str, params: SessionCreateParams) -> Json:
         agent = await self._resolve_agent(params.agent)
         environment = await self._environments.retrieve(params.environment_id)
         if environment["archived_at"] is not None:
@@ -197,7 +228,7 @@ class SessionService:
             await self._resources.validate(params.resources)
         stamp = now()
         session: Json = {
-            "id": new_id("sesn"),
+            "id": session_id,
             "type": "session",
             "title": params.title,
             "status": "idle",
@@ -324,9 +355,13 @@ class SessionService:
         agent_version: int | None = None,
         statuses: Sequence[str] | None = None,
         include_archived: bool = False,
+        created_at: TimeFilter | None = None,
     ) -> Page:
         sql = "SELECT * FROM sessions WHERE 1=1"
         args: list[Any] = []
+        clauses, bounds = (created_at or TimeFilter()).sql("json_extract(body, '$.created_at')")
+        sql += clauses
+        args.extend(bounds)
         if agent_id:
             sql += " AND agent_id = ?"
             args.append(agent_id)
@@ -507,12 +542,18 @@ class SessionService:
         page: str | None = None,
         order: Order = "asc",
         types: Sequence[str] | None = None,
+        created_at: TimeFilter | None = None,
     ) -> Page:
+        """A page of the session's events; `created_at` bounds their `processed_at` (as the
+        API does), so queued events are left out of a bounded listing."""
         await self._store.require(session_id)
 
         def select(conn: sqlite3.Connection) -> Page:
             sql = "SELECT position, processed_at, body FROM events WHERE session_id = ?"
             args: list[Any] = [session_id]
+            clauses, bounds = (created_at or TimeFilter()).sql("processed_at")
+            sql += clauses
+            args.extend(bounds)
             if types:
                 sql += f" AND type IN ({', '.join('?' for _ in types)})"
                 args.extend(types)
@@ -551,19 +592,33 @@ class SessionService:
             raise NotFoundError(msg)
         return int(row[0])
 
-    async def wait(self, session_id: str, *, after: str | None, timeout: float) -> WaitResult:
+    async def wait(
+        self,
+        session_id: str,
+        *,
+        after: str | None,
+        timeout: float,
+        on_events: Callable[[list[Json]], Awaitable[None]] | None = None,
+    ) -> WaitResult:
         """Return once the session needs input (idle with nothing queued) or `timeout` passes.
 
-        Events after the event id `after` (all events when None) are returned either way.
+        Events after the event id `after` (all events when None) are returned either way;
+        `on_events` hears about them as they arrive (for progress notifications).
 
         Raises:
             NotFoundError: no such session, or `after` is not one of its events.
         """
         position = await self.event_position(session_id, after) if after else 0
+        reported = 0
         with anyio.move_on_after(max(0.0, timeout)):
             while True:
                 token = self._store.bus.token(session_id)
                 record = await self._store.require(session_id)
+                if on_events is not None:
+                    arrived = await self._store.events(session_id, after_position=position)
+                    if len(arrived) > reported:
+                        await on_events(arrived)
+                        reported = len(arrived)
                 if await self._settled(record):
                     break
                 await token.wait()
@@ -583,17 +638,19 @@ class SessionService:
 
     # ---------------------------------------------------------------------------------- files
 
-    async def read_file(self, session_id: str, path: str, *, max_bytes: int) -> tuple[str, bytes]:
-        """The (normalised path, bytes) of a file in the session's container.
+    async def read_file(
+        self, session_id: str, path: str, *, offset: int = 0, length: int
+    ) -> tuple[str, bytes, int]:
+        """(normalised path, up to `length` bytes from `offset`, file size) of a container file.
 
         Raises:
             NotFoundError: no such session or file.
-            InvalidRequestError: the path leaves the session's directories, or the file is not
-                a regular file or too large.
+            InvalidRequestError: the path leaves the session's directories, the file is not a
+                regular file, or `offset` is past its end.
         """
         resolved = container_path(path)
         await self._store.require(session_id)
-        data = await self._runtime.read_file(
-            session_id, resolved, max_bytes=max_bytes, roots=READABLE_ROOTS
+        data, size = await self._runtime.read_file(
+            session_id, resolved, offset=offset, length=length, roots=READABLE_ROOTS
         )
-        return resolved, data
+        return resolved, data, size

@@ -118,6 +118,26 @@ def m002_files(conn: sqlite3.Connection) -> None:
     )
 
 
+@migration
+def m003_idempotency_keys(conn: sqlite3.Connection) -> None:
+    _execute_all(
+        conn,
+        """
+        CREATE TABLE idempotency_keys (
+            scope TEXT NOT NULL,
+            key TEXT NOT NULL,
+            request_hash TEXT NOT NULL,
+            resource_id TEXT NOT NULL,
+            owner TEXT,
+            completed INTEGER NOT NULL DEFAULT 0,
+            created_at TEXT NOT NULL,
+            PRIMARY KEY (scope, key)
+        );
+        CREATE INDEX idempotency_keys_created ON idempotency_keys(created_at);
+        """,
+    )
+
+
 class Database:
     """One SQLite connection, driven from worker threads one call at a time."""
 
@@ -207,6 +227,30 @@ class Page:
 
     def to_json(self) -> Json:
         return {"data": self.data, "next_page": self.next_page}
+
+
+@dataclass(frozen=True, slots=True)
+class TimeFilter:
+    """Bounds on a timestamp column (the list endpoints' `created_at[gt|gte|lt|lte]`).
+
+    Values are in the API's timestamp format (`clock.format_time`), which every stored
+    timestamp shares, so comparing the text compares the times.
+    """
+
+    gt: str | None = None
+    gte: str | None = None
+    lt: str | None = None
+    lte: str | None = None
+
+    def sql(self, column: str) -> tuple[str, list[str]]:
+        """` AND <column> <op> ?` clauses (empty when unbounded) and their arguments."""
+        clauses: list[str] = []
+        args: list[str] = []
+        for op, value in ((">", self.gt), (">=", self.gte), ("<", self.lt), ("<=", self.lte)):
+            if value is not None:
+                clauses.append(f" AND {column} {op} ?")
+                args.append(value)
+        return "".join(clauses), args
 
 
 def encode_cursor(order: Order, key: str | int) -> str:

@@ -50,7 +50,12 @@ class SandboxAccess(Protocol):
     async def toolset_for(self, session_id: str) -> Toolset: ...
 
     async def collect_outputs(self, session_id: str) -> list[tuple[str, bytes]]:
-        """Files under /mnt/session/outputs/ as (relative path, bytes)."""
+        """Make new or changed files under /mnt/session/outputs/ the session's output files.
+
+        An implementation may store them itself, streamed into the file store (as
+        `SandboxManager` does, so that no output is ever held whole in memory), and return
+        nothing; or return them as (relative path, bytes) for the loop to store.
+        """
         ...
 
     async def turn_timeout(self, session_id: str) -> float | None:
@@ -331,7 +336,7 @@ class TurnRunner:
             outputs = await self._sandboxes.collect_outputs(session_id)
             for relative_path, data in outputs:
                 await self._files.record_output(session_id, relative_path, data)
-        except Exception as exc:
+        except Exception as exc:  # an ExceptionGroup from the streaming task group included
             logger.warning("could not collect the outputs of %s: %s", session_id, exc)
 
     async def _watch_for_interrupt(self, session_id: str, scope: anyio.CancelScope) -> None:
@@ -344,7 +349,8 @@ class TurnRunner:
             await token.wait()
 
     async def _loop(self, session_id: str) -> TurnEnd:
-        requests = 0
+        # Budgets count per user message: a message sent mid-turn starts them again.
+        requests = tool_calls = 0
         while True:
             still_waiting = await self._settle_actions(session_id)
             if still_waiting:
@@ -354,8 +360,13 @@ class TurnRunner:
             inputs = [e["id"] for e in pending if e["type"] in INPUT_EVENTS]
             if inputs:
                 await self._store.mark_processed(session_id, inputs)
+                requests = tool_calls = 0
             if requests >= self._settings.max_model_requests:
-                return await self._over_limit(session_id)
+                return await self._over_limit(
+                    session_id,
+                    f"{self._settings.max_model_requests} model requests",
+                    "MANAGED_AGENTS_MAX_MODEL_REQUESTS",
+                )
             record = await self._store.require(session_id)
             agent = record.session["agent"]
             events = await self._store.events(session_id)
@@ -367,6 +378,18 @@ class TurnRunner:
             )
             if response.stop_reason == "refusal":
                 return TurnEnd({"type": "refusal"}, response.stop_details)
+            # Calls waiting on the client are not counted: each needs a human answer anyway.
+            if runnable and tool_calls + len(runnable) > self._settings.max_tool_calls:
+                note = "Not run: this turn reached its limit of tool calls."
+                await self._store.append(
+                    session_id, [_error_result(t["id"], note) for t in runnable]
+                )
+                return await self._over_limit(
+                    session_id,
+                    f"{self._settings.max_tool_calls} tool calls",
+                    "MANAGED_AGENTS_MAX_TOOL_CALLS",
+                )
+            tool_calls += len(runnable)
             for tool_use in runnable:
                 await self._run_tool(session_id, tool_use)
             if waiting:
@@ -446,8 +469,8 @@ class TurnRunner:
                 message["content"][index] = resolved
         return request
 
-    async def _over_limit(self, session_id: str) -> TurnEnd:
-        limit = self._settings.max_model_requests
+    async def _over_limit(self, session_id: str, limit: str, setting: str) -> TurnEnd:
+        """End a runaway turn: a `session.error` saying which budget, then idle."""
         await self._store.append(
             session_id,
             [
@@ -456,15 +479,15 @@ class TurnRunner:
                     "error": {
                         "type": "tool_use_limit_reached_error",
                         "message": (
-                            f"the turn reached the limit of {limit} model requests "
-                            "(MANAGED_AGENTS_MAX_MODEL_REQUESTS); send a message to continue"
+                            f"the turn reached its limit of {limit} per user message "
+                            f"({setting}); send a message to let the agent continue"
                         ),
                         "retry_status": {"type": "exhausted"},
                     },
                 }
             ],
         )
-        return TurnEnd({"type": "retries_exhausted"})
+        return TurnEnd({"type": "budget_reached"})
 
     async def _call_model(self, session_id: str, request: Json) -> tuple[ModelResponse, str, str]:
         """The reply, its span start id, and the id its `agent.message` will have."""

@@ -8,13 +8,16 @@ import json
 import logging
 import posixpath
 import tarfile
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import anyio
 import anyio.abc
+import anyio.from_thread
+import anyio.to_thread
+from anyio.streams.memory import MemoryObjectReceiveStream
 
 from sandbox.base import (
     OUTPUTS_DIR,
@@ -26,7 +29,9 @@ from sandbox.base import (
 )
 from sandbox.egress import EgressManager, EgressPolicy, OverrideResolver
 from sandbox.errors import SandboxError, SandboxNotFound
-from server.core.files import FileService
+from sandbox.shell import ShellSandbox
+from server.core.errors import RequestTooLargeError
+from server.core.files import BlobStore, FileService
 from server.core.instances import InstanceRegistry
 from server.core.session_store import SessionStore
 from server.settings import Settings
@@ -47,6 +52,11 @@ BUILD_WAIT_S = 40.0
 """How long `start_session` waits for an environment image (under clients' 60 s limit)."""
 REBUILD_WAIT_S = 1800.0
 MAX_OUTPUT_FILE = 100 << 20
+"""Output files larger than this are not collected."""
+MAX_OUTPUT_FILES = 1000
+"""At most this many new or changed output files are collected per turn."""
+OUTPUT_STREAM_CHUNKS = 16
+"""Archive chunks (one exec frame each, at most tens of KiB) in flight while collecting."""
 
 
 def limits_for(config: Json, defaults: Limits) -> Limits:
@@ -63,6 +73,7 @@ def limits_for(config: Json, defaults: Limits) -> Limits:
         home_bytes=defaults.home_bytes,
         outputs_bytes=mib("outputs_mb", defaults.outputs_bytes),
         uploads_bytes=defaults.uploads_bytes,
+        workspace_bytes=mib("workspace_mb", defaults.workspace_bytes),
     )
 
 
@@ -206,6 +217,7 @@ class SandboxManager:
                 self._egress_keys[sandbox.id] = egress
         else:
             sandbox = await self._create(template, name, policy, session_id=session["id"])
+        self._adopt(session["id"], sandbox, template.limits)
         self._sandboxes[session["id"]] = sandbox
         self.fill_pool(environment, image, policy)
         return sandbox
@@ -286,13 +298,34 @@ class SandboxManager:
                 )
                 await self._store.set_columns(session_id, sandbox_id=sandbox.id)
             # A stopped or re-created container has empty tmpfs mounts: put the files back.
-            mounts = []
-            for resource in await self._store.resources(session_id):
-                _, blob = await self._files.blob_path(resource["file_id"])
-                mounts.append((resource["mount_path"], blob))
-            await write_mounts(sandbox, mounts)
+            await self._restore_mounts(session_id, sandbox)
+            config = environment.get("config") or {}
+            self._adopt(
+                session_id, sandbox, limits_for(config.get("limits") or {}, self._settings.limits)
+            )
             self._sandboxes[session_id] = sandbox
             return sandbox
+
+    def _adopt(self, session_id: str, sandbox: Sandbox, limits: Limits) -> None:
+        """Give a session's sandbox its environment's current workspace limit (a pooled or
+        older container may carry another), and have it put the session's uploads back if it
+        ever restarts itself to free its processes."""
+        if not isinstance(sandbox, ShellSandbox):
+            return
+        sandbox.workspace_limit = limits.workspace_bytes
+
+        async def restore() -> None:
+            await self._restore_mounts(session_id, sandbox)
+
+        sandbox.after_restart = restore
+
+    async def _restore_mounts(self, session_id: str, sandbox: Sandbox) -> None:
+        """Write the session's mounted files (uploads) into the sandbox again."""
+        mounts: list[tuple[str, Path]] = []
+        for resource in await self._store.resources(session_id):
+            _, blob = await self._files.blob_path(resource["file_id"])
+            mounts.append((resource["mount_path"], blob))
+        await write_mounts(sandbox, mounts)
 
     async def _environment(self, environment_id: str) -> Json:
         row = await self._store.db.read(
@@ -336,42 +369,70 @@ class SandboxManager:
     # -------------------------------------------------------------------------------- files
 
     async def collect_outputs(self, session_id: str) -> list[tuple[str, bytes]]:
-        """New or changed files under /mnt/session/outputs/ since the last collection."""
+        """Store new or changed files under /mnt/session/outputs/ as the session's outputs.
+
+        Files are found by size and mtime against the last collection, so unchanged ones are
+        not read again (and content the store already has is not stored twice). The changed
+        ones travel as one `tar` stream that is unpacked as it arrives, each regular file
+        hashed straight into the blob store: the server holds `OUTPUT_STREAM_CHUNKS` exec frames
+        and a 1 MiB copy buffer at most, whatever the outputs weigh. Member names must be the
+        paths asked for; links, devices and directories are skipped and nothing is ever
+        extracted on the host. Returns nothing for the caller to store: all is stored here.
+        """
         sandbox = self._sandboxes.get(session_id)
         if sandbox is None:
             return []
+        changed = await self._changed_outputs(session_id, sandbox)
+        if not changed:
+            return []
+        stored = await stream_outputs(sandbox, self._files.blobs, list(changed))
+        seen = self._output_index.setdefault(session_id, {})
+        for path, (sha, size) in stored.items():
+            await self._files.record_output_blob(session_id, path, sha, size)
+            seen[path] = changed[path]
+        return []
+
+    async def _changed_outputs(self, session_id: str, sandbox: Sandbox) -> dict[str, str]:
+        """Output path → "size mtime", for files new or changed since the last collection."""
         listing = await sandbox.exec(
             [
                 "sh",
                 "-c",
                 f"cd {OUTPUTS_DIR} 2>/dev/null || exit 0; "
-                "find . -type f -printf '%s %T@ %P\\n' 2>/dev/null | head -n 1000",
+                "find . -type f -printf '%s %T@ %P\\0' 2>/dev/null | head -z -n 10000",
             ]
         )
-        seen = self._output_index.setdefault(session_id, {})
-        changed: list[str] = []
-        for line in listing.stdout.decode(errors="replace").splitlines():
-            parts = line.split(" ", 2)
-            if len(parts) != 3 or not parts[0].isdigit() or int(parts[0]) > MAX_OUTPUT_FILE:
+        seen = self._output_index.get(session_id, {})
+        changed: dict[str, str] = {}
+        for entry in listing.stdout.split(b"\0"):
+            size, _, rest = entry.partition(b" ")
+            stamp, _, raw_path = rest.partition(b" ")
+            try:
+                path = raw_path.decode()
+            except UnicodeDecodeError:
+                logger.info("not collecting an output whose name is not UTF-8: %r", raw_path)
                 continue
-            size, stamp, path = parts
-            if seen.get(path) != f"{size} {stamp}":
-                seen[path] = f"{size} {stamp}"
-                changed.append(path)
-        if not changed:
-            return []
-        archive = await sandbox.exec(
-            ["tar", "-c", "-f", "-", "-C", OUTPUTS_DIR, "--", *changed],
-            max_output=len(changed) * MAX_OUTPUT_FILE + (1 << 20),
-            timeout=300,
-        )
-        return read_tar(archive.stdout)
+            if not path or not size.isdigit():
+                continue
+            if int(size) > MAX_OUTPUT_FILE:
+                logger.info("not collecting %s of %s: over %d bytes", path, session_id, size)
+                continue
+            key = f"{int(size)} {stamp.decode(errors='replace')}"
+            if seen.get(path) != key and len(changed) < MAX_OUTPUT_FILES:
+                changed[path] = key
+        return changed
 
     # ------------------------------------------------------------------------------ cleanup
 
-    async def remove_orphans(self, known_sessions: set[str]) -> None:
-        """Remove this data dir's containers that belong to no session, and dead pools."""
-        for info in await self._backend.list({LABEL: "1", HOME_LABEL: self.home_label}):
+    async def remove_orphans(self, known_sessions: Callable[[], Awaitable[set[str]]]) -> None:
+        """Remove this data dir's containers that belong to no session, and dead pools.
+
+        The sandboxes are listed before the sessions are read: a session started in between
+        then has its sandbox outside the list, rather than a sandbox without its session.
+        """
+        found = await self._backend.list({LABEL: "1", HOME_LABEL: self.home_label})
+        known = await known_sessions()
+        for info in found:
             if info.name.startswith(POOL_PREFIX):
                 owner = info.labels.get(INSTANCE_LABEL)
                 if owner != self._instances.id and not self._instances.is_alive(owner):
@@ -379,7 +440,7 @@ class SandboxManager:
                     await self._backend.remove(info.id)
                 continue
             session_id = info.name.removeprefix("ma-")
-            if session_id not in known_sessions:
+            if session_id not in known:
                 logger.info("removing orphan sandbox %s", info.name)
                 await self._backend.remove(info.id)
                 if key := info.labels.get(EGRESS_LABEL):
@@ -414,14 +475,95 @@ async def write_mounts(sandbox: Sandbox, mounts: Sequence[tuple[str, Path]]) -> 
         raise SandboxError(msg, op="mount")
 
 
-def read_tar(data: bytes) -> list[tuple[str, bytes]]:
-    """Regular files of an archive made by our own `tar -c` (nothing is extracted to disk)."""
-    files: list[tuple[str, bytes]] = []
-    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-        for member in tar:
-            if not member.isreg():
-                continue
-            handle = tar.extractfile(member)
-            if handle is not None:
-                files.append((posixpath.normpath(member.name).lstrip("/"), handle.read()))
-    return files
+async def stream_outputs(
+    sandbox: Sandbox, blobs: BlobStore, paths: Sequence[str]
+) -> dict[str, tuple[str, int]]:
+    """Stream `paths` (relative to /mnt/session/outputs) of `sandbox` into `blobs`.
+
+    Returns path → (sha256, size) for each regular file that arrived whole; a file that
+    vanished, turned into a link or grew past `MAX_OUTPUT_FILE` meanwhile is left out.
+    """
+    names = b"".join(b"./" + p.encode() + b"\0" for p in paths)
+    send, receive = anyio.create_memory_object_stream[bytes](OUTPUT_STREAM_CHUNKS)
+    argv = ["tar", "-c", "-f", "-", "-C", OUTPUTS_DIR, "--no-recursion", "--null", "-T", "-"]
+
+    async def produce() -> None:
+        async with send:
+            try:
+                result = await sandbox.exec_stream(argv, send.send, stdin=names, timeout=300)
+            except anyio.BrokenResourceError:
+                return  # the reader stopped early (it says why)
+        if result.exit_code != 0:
+            # Exit 1 or 2: some file changed or vanished while it was read; the rest is whole.
+            reason = result.stderr.decode(errors="replace").strip()[-500:]
+            logger.info("collecting outputs: tar exited %d: %s", result.exit_code, reason)
+
+    def consume() -> dict[str, tuple[str, int]]:
+        return store_members(_ChunkReader(receive), blobs, set(paths))
+
+    stored: dict[str, tuple[str, int]] = {}
+    async with anyio.create_task_group() as group:
+        group.start_soon(produce)
+        try:
+            stored = await anyio.to_thread.run_sync(consume)
+        finally:
+            # Unblocks the producer if the reader gave up before the end.
+            receive.close()
+    return stored
+
+
+class _ChunkReader(io.RawIOBase):
+    """A blocking, read-only file (for a worker thread) over chunks an async task sends."""
+
+    def __init__(self, receive: MemoryObjectReceiveStream[bytes]) -> None:
+        super().__init__()
+        self._receive = receive
+        self._chunk = memoryview(b"")
+        self._eof = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while not self._chunk and not self._eof:
+            try:
+                self._chunk = memoryview(anyio.from_thread.run(self._receive.receive))
+            except (anyio.EndOfStream, anyio.ClosedResourceError):
+                self._eof = True
+        size = min(len(buffer), len(self._chunk))
+        buffer[:size] = self._chunk[:size]
+        self._chunk = self._chunk[size:]
+        return size
+
+
+def store_members(
+    source: io.RawIOBase | io.BufferedIOBase, blobs: BlobStore, wanted: set[str]
+) -> dict[str, tuple[str, int]]:
+    """Hash each wanted regular file of the tar stream `source` into the blob store (blocking).
+
+    The archive comes from the sandbox, so nothing in it is trusted: a member counts only if
+    its normalised name is relative, stays below the archive's root and is one of `wanted`; only
+    regular files are read at all, and only into content-addressed blobs.
+    """
+    stored: dict[str, tuple[str, int]] = {}
+    try:
+        with tarfile.open(fileobj=source, mode="r|") as tar:
+            for member in tar:
+                name = posixpath.normpath(member.name)
+                if name.startswith(("/", "../")) or name in (".", ".."):
+                    continue  # never a path under outputs, whatever the caller asked for
+                if name not in wanted or name in stored or not member.isreg():
+                    continue
+                if member.size > MAX_OUTPUT_FILE:
+                    continue
+                data = tar.extractfile(member)
+                if data is None:
+                    continue
+                try:
+                    stored[name] = blobs.put_stream(data, limit=MAX_OUTPUT_FILE)
+                except RequestTooLargeError:
+                    continue
+    except tarfile.TarError as exc:
+        # A cut-off archive (the exec failed or timed out): keep what arrived whole.
+        logger.warning("collecting outputs: the archive broke off: %s", exc)
+    return stored

@@ -131,11 +131,11 @@ class Supervisor:
             raise _unavailable(exc) from exc
 
     async def read_file(
-        self, session_id: str, path: str, *, max_bytes: int, roots: Sequence[str]
-    ) -> bytes:
+        self, session_id: str, path: str, *, offset: int, length: int, roots: Sequence[str]
+    ) -> tuple[bytes, int]:
         try:
             sandbox = await self._sandbox_for(session_id)
-            return await sandbox.read_file(path, max_bytes=max_bytes, roots=roots)
+            return await sandbox.read_range(path, offset=offset, length=length, roots=roots)
         except SandboxPathError as exc:
             if "no such file" in str(exc):
                 raise NotFoundError(f"{exc} in session {session_id}") from exc
@@ -267,7 +267,9 @@ class Supervisor:
         )
 
     async def _remove_orphans(self) -> None:
-        known = {r.session["id"] for r in await self._store.all_sessions()}
+        async def known() -> set[str]:
+            return {r.session["id"] for r in await self._store.all_sessions()}
+
         await self.sandboxes.remove_orphans(known)
 
     async def _watch_other_processes(self) -> None:

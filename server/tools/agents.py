@@ -16,7 +16,16 @@ from server.core.models import (
     ToolParam,
 )
 
-from ._common import CREATES, DESTROYS, READ_ONLY, UPDATES, Json, services, tool_errors
+from ._common import (
+    CREATES,
+    DESTROYS,
+    READ_ONLY,
+    UPDATES,
+    IdempotencyKey,
+    Json,
+    services,
+    tool_errors,
+)
 
 AgentId = Annotated[str, Field(description="The agent's id (`agent_…`).")]
 Model = Annotated[
@@ -48,6 +57,7 @@ def register(mcp: MCPServer) -> None:
         metadata: Annotated[
             dict[str, str] | None, Field(description="Up to 16 string key/value pairs.")
         ] = None,
+        idempotency_key: IdempotencyKey = None,
     ) -> Json:
         """Create an agent: a reusable, versioned configuration (model, system prompt, tools).
 
@@ -67,7 +77,7 @@ def register(mcp: MCPServer) -> None:
                 skills=skills or [],
                 metadata=metadata or {},
             )
-            return await services(ctx).agents.create(params)
+            return await services(ctx).agents.create(params, idempotency_key=idempotency_key)
 
     @mcp.tool(title="Get agent", annotations=READ_ONLY)
     async def get_agent(

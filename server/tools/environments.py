@@ -9,7 +9,16 @@ from pydantic import Field
 
 from server.core.models import CloudConfig, EnvironmentCreateParams, EnvironmentUpdateParams
 
-from ._common import CREATES, DESTROYS, READ_ONLY, UPDATES, Json, services, tool_errors
+from ._common import (
+    CREATES,
+    DESTROYS,
+    READ_ONLY,
+    UPDATES,
+    IdempotencyKey,
+    Json,
+    services,
+    tool_errors,
+)
 
 EnvironmentId = Annotated[str, Field(description="The environment's id (`env_…`).")]
 
@@ -28,6 +37,7 @@ def register(mcp: MCPServer) -> None:
             ),
         ] = None,
         metadata: dict[str, str] | None = None,
+        idempotency_key: IdempotencyKey = None,
     ) -> Json:
         """Create an environment: the recipe for the sandbox container of every session using it.
 
@@ -40,11 +50,12 @@ def register(mcp: MCPServer) -> None:
                 config=config or CloudConfig(),
                 metadata=metadata or {},
             )
-            return await services(ctx).environments.create(params)
+            return await services(ctx).environments.create(params, idempotency_key=idempotency_key)
 
     @mcp.tool(title="Get environment", annotations=READ_ONLY)
     async def get_environment(ctx: Context, environment_id: EnvironmentId) -> Json:
-        """Get an environment."""
+        """Get an environment: its config (packages, networking, limits) and whether it is
+        archived."""
         with tool_errors():
             return await services(ctx).environments.retrieve(environment_id)
 

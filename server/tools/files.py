@@ -12,7 +12,7 @@ from pydantic import Field
 
 from server.core.errors import InvalidRequestError, RequestTooLargeError
 
-from ._common import CREATES, DESTROYS, READ_ONLY, Json, services, tool_errors
+from ._common import CREATES, DESTROYS, READ_ONLY, IdempotencyKey, Json, services, tool_errors
 
 FileId = Annotated[str, Field(description="The file's id (`file_…`).")]
 INLINE_LIMIT = 30_000
@@ -38,6 +38,7 @@ def register(mcp: MCPServer) -> None:
             str | None, Field(description="Name to give the file (required with content).")
         ] = None,
         mime_type: str | None = None,
+        idempotency_key: IdempotencyKey = None,
     ) -> Json:
         """Upload a file so sessions can use it: mount it with `add_session_resource` (or
         `start_session`'s `resources`), or reference it in a message's image/document block.
@@ -51,7 +52,9 @@ def register(mcp: MCPServer) -> None:
                 msg = "give exactly one of `path` or `content_base64`"
                 raise InvalidRequestError(msg)
             if path is not None:
-                return await files.upload_path(Path(path), filename=filename)
+                return await files.upload_path(
+                    Path(path), filename=filename, idempotency_key=idempotency_key
+                )
             assert content_base64 is not None
             if not filename:
                 msg = "`filename` is required with `content_base64`"
@@ -64,7 +67,9 @@ def register(mcp: MCPServer) -> None:
             except (binascii.Error, ValueError) as exc:
                 msg = "content_base64 is not valid base64"
                 raise InvalidRequestError(msg) from exc
-            return await files.upload_bytes(data, filename=filename, mime_type=mime_type)
+            return await files.upload_bytes(
+                data, filename=filename, mime_type=mime_type, idempotency_key=idempotency_key
+            )
 
     @mcp.tool(title="List files", annotations=READ_ONLY)
     async def list_files(
@@ -79,14 +84,20 @@ def register(mcp: MCPServer) -> None:
         limit: Annotated[int, Field(ge=1, le=1000)] = 20,
         page: Annotated[str | None, Field(description="`next_page` of the previous call.")] = None,
     ) -> Json:
-        """List files, newest first. Returns `{data, next_page}`."""
+        """List uploaded files and session outputs, newest first.
+
+        Returns `{data, next_page}`; pass `next_page` as `page` for more.
+        """
         with tool_errors():
             result = await services(ctx).files.list(scope_id=scope_id, limit=limit, page=page)
             return result.to_json()
 
     @mcp.tool(title="Get file", annotations=READ_ONLY)
     async def get_file(ctx: Context, file_id: FileId) -> Json:
-        """Get a file's metadata (name, size, MIME type, scope)."""
+        """Get a file's metadata: name, size, MIME type and scope (the session it belongs to).
+
+        Download the bytes with `download_file`.
+        """
         with tool_errors():
             return await services(ctx).files.retrieve(file_id)
 
@@ -130,6 +141,9 @@ def register(mcp: MCPServer) -> None:
 
     @mcp.tool(title="Delete file", annotations=DESTROYS)
     async def delete_file(ctx: Context, file_id: FileId) -> Json:
-        """Delete a file (refused while it is mounted in a session)."""
+        """Delete an uploaded file or a session output, and its stored bytes.
+
+        Refused while the file is mounted in a session (delete that resource first).
+        """
         with tool_errors():
             return await services(ctx).files.delete(file_id)

@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 from mcp.server.mcpserver import Context, MCPServer
 from pydantic import Field
 
+from server.core.errors import InvalidRequestError
 from server.core.models import (
     AgentSelector,
     FileResourceParam,
@@ -17,21 +18,50 @@ from server.core.models import (
     UserInterruptEvent,
     UserMessageEvent,
 )
+from server.core.store import encode_cursor
+from server.present import fit_events
 
-from ._common import CREATES, DESTROYS, READ_ONLY, RUNS_AGENT, UPDATES, Json, services, tool_errors
+from ._common import (
+    CREATES,
+    DESTROYS,
+    READ_ONLY,
+    RUNS_AGENT,
+    UPDATES,
+    IdempotencyKey,
+    Json,
+    ProgressReporter,
+    fit_page,
+    last_stop_reason,
+    services,
+    tool_errors,
+)
+from ._schemas import FileText, Page, Sent, WaitOutput
+from .resources import announce_new_session
 
 SessionId = Annotated[str, Field(description="The session's id (`sesn_…`).")]
 MAX_WAIT_S = 45.0
-READ_FILE_LIMIT = 1 << 20
+READ_LIMIT = 30_000
 
 
-def _last_stop_reason(events: list[Json]) -> Json | None:
-    for event in reversed(events):
-        if event["type"] == "session.status_idle":
-            return event.get("stop_reason")
-        if event["type"] == "session.status_running":
-            return None
-    return None
+def _as_text(path: str, data: bytes, *, complete: bool) -> tuple[str, int]:
+    """The chunk as text, and how many of its bytes that text covers.
+
+    A multi-byte character cut at a chunk's end is left for the next chunk.
+
+    Raises:
+        InvalidRequestError: the file is not UTF-8 text.
+    """
+    for cut in range(1 if complete else 4):
+        try:
+            return data[: len(data) - cut].decode("utf-8"), len(data) - cut
+        except UnicodeDecodeError:
+            continue
+    msg = (
+        f"{path} is not a text file; it cannot be shown here. Files the sub-agent writes to "
+        "/mnt/session/outputs/ become downloadable after its turn (list_files with "
+        "scope_id=<session id>, then download_file); ask it to copy the file there"
+    )
+    raise InvalidRequestError(msg)
 
 
 def register(mcp: MCPServer) -> None:
@@ -59,6 +89,7 @@ def register(mcp: MCPServer) -> None:
                 '..., "mount_path": "/mnt/session/uploads/data.csv"}]` (up to 500).'
             ),
         ] = None,
+        idempotency_key: IdempotencyKey = None,
     ) -> Json:
         """Start a session: a sub-agent with its own sandbox container, idle until you send work.
 
@@ -74,7 +105,9 @@ def register(mcp: MCPServer) -> None:
                 initial_events=initial_events or [],
                 resources=resources or [],
             )
-            return await services(ctx).sessions.create(params)
+            session = await services(ctx).sessions.create(params, idempotency_key=idempotency_key)
+        await announce_new_session(ctx)
+        return session
 
     @mcp.tool(title="Get session", annotations=READ_ONLY)
     async def get_session(ctx: Context, session_id: SessionId) -> Json:
@@ -91,8 +124,11 @@ def register(mcp: MCPServer) -> None:
         agent_version: Annotated[int | None, Field(ge=1)] = None,
         statuses: list[Literal["idle", "running", "rescheduling", "terminated"]] | None = None,
         include_archived: bool = False,
-    ) -> Json:
-        """List sessions, newest first. Returns `{data, next_page}`."""
+    ) -> Page:
+        """List sessions, newest first, with their status (filter by agent or status).
+
+        Returns `{data, next_page}`; pass `next_page` as `page` for more.
+        """
         with tool_errors():
             result = await services(ctx).sessions.list(
                 limit=limit,
@@ -102,7 +138,7 @@ def register(mcp: MCPServer) -> None:
                 statuses=statuses,
                 include_archived=include_archived,
             )
-            return result.to_json()
+            return Page(data=result.data, next_page=result.next_page)
 
     @mcp.tool(title="Send event", annotations=RUNS_AGENT)
     async def send_event(
@@ -115,7 +151,7 @@ def register(mcp: MCPServer) -> None:
                 '[{"type": "text", "text": "..."}]}` or `{"type": "user.interrupt"}`.'
             ),
         ],
-    ) -> Json:
+    ) -> Sent:
         """Send an event to a session and return at once (the event is stored and queued).
 
         A `user.message` starts a turn, or joins the running one; `user.interrupt` stops the
@@ -123,23 +159,23 @@ def register(mcp: MCPServer) -> None:
         """
         with tool_errors():
             stored = await services(ctx).sessions.send_events(session_id, [event])
-            return {"data": stored}
+            return Sent(data=stored)
 
     @mcp.tool(title="Send message", annotations=RUNS_AGENT)
     async def send_message(
         ctx: Context,
         session_id: SessionId,
         text: Annotated[str, Field(min_length=1, description="What to ask the sub-agent.")],
-    ) -> Json:
+    ) -> Sent:
         """Send a text `user.message` to a session (shorthand for `send_event`) and return at
         once. Then call `wait_for_session`."""
         with tool_errors():
             event = UserMessageEvent(type="user.message", content=text)  # type: ignore[arg-type]
             stored = await services(ctx).sessions.send_events(session_id, [event])
-            return {"data": stored}
+            return Sent(data=stored)
 
     @mcp.tool(title="Interrupt session", annotations=RUNS_AGENT)
-    async def interrupt_session(ctx: Context, session_id: SessionId) -> Json:
+    async def interrupt_session(ctx: Context, session_id: SessionId) -> Sent:
         """Stop what the session is doing (model stream and running command); it goes idle.
 
         Shorthand for `send_event` with `{"type": "user.interrupt"}`.
@@ -147,7 +183,7 @@ def register(mcp: MCPServer) -> None:
         with tool_errors():
             event = UserInterruptEvent(type="user.interrupt")
             stored = await services(ctx).sessions.send_events(session_id, [event])
-            return {"data": stored}
+            return Sent(data=stored)
 
     @mcp.tool(title="Wait for session", annotations=READ_ONLY)
     async def wait_for_session(
@@ -160,25 +196,38 @@ def register(mcp: MCPServer) -> None:
         timeout_s: Annotated[
             float, Field(ge=0, description=f"Seconds to wait, at most {MAX_WAIT_S:g}.")
         ] = 30.0,
-    ) -> Json:
+        detail: Annotated[
+            Literal["summary", "full"],
+            Field(
+                description="`summary`: compact messages and tool calls (outputs clipped); "
+                "`full`: the stored events."
+            ),
+        ] = "summary",
+    ) -> WaitOutput:
         """Wait until the session needs input (idle) or `timeout_s` passes, whichever is first.
 
-        Returns `status`, `done` (true when the sub-agent finished or needs you), the
-        `stop_reason` of the turn, the `events` after `after`, and `next_after`. If `done` is
-        false, call again with `after` = `next_after`.
+        Returns `status`, `done` (true when the sub-agent finished or needs you), the turn's
+        `stop_reason`, the events after `after`, and `next_after`. If `done` is false (or
+        `more` is true), call again with `after` = `next_after`. Sends progress notifications
+        while waiting.
         """
         with tool_errors():
             result = await services(ctx).sessions.wait(
-                session_id, after=after, timeout=min(timeout_s, MAX_WAIT_S)
+                session_id,
+                after=after,
+                timeout=min(timeout_s, MAX_WAIT_S),
+                on_events=ProgressReporter(ctx),
             )
-            return {
-                "session_id": session_id,
-                "status": result.session["status"],
-                "done": result.done,
-                "stop_reason": _last_stop_reason(result.events) if result.done else None,
-                "events": result.events,
-                "next_after": result.next_after,
-            }
+        items, last, more = fit_events(result.events, full=detail == "full")
+        return WaitOutput(
+            session_id=session_id,
+            status=result.session["status"],
+            done=result.done and not more,
+            stop_reason=last_stop_reason(result.events) if result.done else None,
+            events=items,
+            next_after=last or after,
+            more=more,
+        )
 
     @mcp.tool(title="List events", annotations=READ_ONLY)
     async def list_events(
@@ -191,13 +240,21 @@ def register(mcp: MCPServer) -> None:
             list[str] | None,
             Field(description='Only these event types, e.g. `["agent.message"]`.'),
         ] = None,
-    ) -> Json:
-        """List a session's stored events in order. Returns `{data, next_page}`."""
+    ) -> Page:
+        """List a session's stored events in order. Returns `{data, next_page}`; a page is cut
+        short (with a `next_page`) when it would be too large for one result."""
         with tool_errors():
             result = await services(ctx).sessions.list_events(
                 session_id, limit=limit, page=page, order=order, types=types
             )
-            return result.to_json()
+            sessions = services(ctx).sessions
+
+            async def cursor_after(event: Json) -> str:
+                position = await sessions.event_position(session_id, event["id"])
+                return encode_cursor(order, position)
+
+            data, cursor = await fit_page(result.data, result.next_page, cursor_after)
+            return Page(data=data, next_page=cursor)
 
     @mcp.tool(title="Read file", annotations=READ_ONLY)
     async def read_file(
@@ -210,20 +267,30 @@ def register(mcp: MCPServer) -> None:
                 "/workspace. Allowed under /workspace, /mnt/session, /tmp and /home/agent."
             ),
         ],
-    ) -> Json:
-        """Read a text file from a session's sandbox (e.g. something the sub-agent wrote)."""
-        with tool_errors():
-            resolved, data = await services(ctx).sessions.read_file(
-                session_id, path, max_bytes=READ_FILE_LIMIT
-            )
-            try:
-                text = data.decode("utf-8")
-            except UnicodeDecodeError:
-                from server.core.errors import InvalidRequestError
+        offset: Annotated[int, Field(ge=0, description="Byte offset to start at.")] = 0,
+        limit: Annotated[
+            int, Field(ge=1, le=READ_LIMIT, description=f"Bytes to read (≤{READ_LIMIT}).")
+        ] = READ_LIMIT,
+    ) -> FileText:
+        """Read a text file from a session's sandbox (e.g. something the sub-agent wrote).
 
-                msg = f"{resolved} is not UTF-8 text; it cannot be shown as text"
-                raise InvalidRequestError(msg) from None
-            return {"path": resolved, "size": len(data), "content": text}
+        Long files come in chunks: the result says how many bytes remain and the
+        `next_offset` to continue from. Binary files are refused (download them instead).
+        """
+        with tool_errors():
+            resolved, data, size = await services(ctx).sessions.read_file(
+                session_id, path, offset=offset, length=limit
+            )
+            text, used = _as_text(resolved, data, complete=offset + len(data) >= size)
+        end = offset + used
+        return FileText(
+            path=resolved,
+            size=size,
+            offset=offset,
+            content=text,
+            next_offset=end if end < size else None,
+            remaining=size - end,
+        )
 
     @mcp.tool(title="Update session", annotations=UPDATES)
     async def update_session(
@@ -289,7 +356,10 @@ def register(mcp: MCPServer) -> None:
 
     @mcp.tool(title="List session resources", annotations=READ_ONLY)
     async def list_session_resources(ctx: Context, session_id: SessionId) -> Json:
-        """List the files mounted in a session. Returns `{data}`."""
+        """List the files mounted in a session (read-only under /mnt/session/uploads/).
+
+        Returns `{data}` with each resource's id, file_id and mount_path.
+        """
         with tool_errors():
             return {"data": await services(ctx).resources.list(session_id)}
 

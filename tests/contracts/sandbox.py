@@ -78,6 +78,12 @@ def _status_fields(text: str) -> dict[str, str]:
     return {k: v.strip() for k, _, v in (ln.partition(":") for ln in text.splitlines()) if v}
 
 
+async def _count(sandbox: Sandbox, pattern: str) -> int:
+    """How many processes of the sandbox have args starting with `pattern`."""
+    probe = ["sh", "-c", f"ps -eo args | grep -c '^{pattern}' || true"]
+    return int((await sandbox.exec(probe, timeout=10)).stdout)
+
+
 async def _wait_for_processes(sandbox: Sandbox, pattern: str, count: int) -> None:
     """Return once `count` processes whose args start with `pattern` run (bounded)."""
     probe = ["sh", "-c", f"ps -eo args | grep -c '^{pattern}' || true"]
@@ -210,6 +216,122 @@ async def check_busy_builtin_loop_is_replaced_by_a_new_shell(h: Harness) -> None
         assert after.output == "/tmp\n1\n", "the stuck shell must not keep spinning"
 
 
+async def check_background_jobs_outlive_their_command(h: Harness) -> None:
+    """A job started with `&` (or detached) keeps running after its command ended normally."""
+    async with h.sandbox() as sb:
+        await _shell(sb, "sleep 901 & (setsid sleep 902 &); echo started")
+        await _shell(sb, "echo next")
+        assert await _count(sb, "sleep 90[12]") == 2
+
+
+async def check_timeout_kills_what_the_command_started_even_detached(h: Harness) -> None:
+    """A timed-out command's processes die, those that left its tree (setsid, double fork)
+    too; a background job of an earlier command lives on."""
+    async with h.sandbox() as sb:
+        await _shell(sb, "sleep 911 &")
+        with anyio.fail_after(40):
+            result = await sb.run_shell(
+                "(setsid sleep 912 &); (sleep 913 &); sleep 914 & sleep 60", timeout=2
+            )
+        assert result.timed_out
+        assert await _count(sb, "sleep 91[234]") == 0
+        assert await _count(sb, "sleep 911") == 1
+        assert not (await sb.run_shell("echo same shell", timeout=10)).shell_restarted
+
+
+async def check_restart_kills_every_process_but_the_sandbox_itself(h: Harness) -> None:
+    async with h.sandbox() as sb:
+        await _shell(sb, "sleep 921 & (setsid sleep 922 &); cd /tmp")
+        with anyio.fail_after(30):
+            await sb.restart_shell()
+        assert await _count(sb, "sleep 92[12]") == 0
+        assert await _shell(sb, "pwd; echo alive > /workspace/f; cat /workspace/f") == (
+            "/workspace\nalive\n"
+        )
+
+
+_BOMB = "bomb() { bomb | bomb & }; bomb"
+_PROCESS_COUNT = "n=0; for p in /proc/[0-9]*; do n=$((n + 1)); done; echo $n"
+# Builtins only, so that it runs in a full sandbox: the process count and how many forks the
+# pids limit refused (0 without a readable pids cgroup).
+_BOMB_PROBE = (
+    _PROCESS_COUNT.replace("echo $n", "e=0; ")
+    + "for f in /sys/fs/cgroup/pids/pids.events /sys/fs/cgroup/pids.events; do "
+    + '{ read -r k e < "$f"; } 2>/dev/null && break; done; echo "$n ${e:-0}"'
+)
+
+
+async def check_running_out_of_processes_is_cleared_before_the_next_command(h: Harness) -> None:
+    """A fork bomb that outlived its command (it backgrounds itself) is killed before the next
+    command runs, background jobs with it, and the output says so."""
+    async with h.sandbox() as sb:
+        await _shell(sb, "sleep 931 &")
+        await _shell(sb, _BOMB)
+        with anyio.fail_after(30):
+            while True:
+                probe = await sb.exec(["sh", "-c", _BOMB_PROBE], timeout=10)
+                if probe.exit_code != 0:
+                    continue  # even starting the probe can fail in a full sandbox
+                count, refused = map(int, probe.stdout.split())
+                if count >= h.limits.pids - 8 and refused > 0:
+                    break
+        with anyio.fail_after(60):
+            result = await sb.run_shell("echo ok", timeout=30)
+        assert result.exit_code == 0
+        # Before it: what the killed processes printed last (bash's job reports, say).
+        assert "ok" in result.output.splitlines()
+        assert len(result.notices) == 1
+        assert "run out of processes" in result.notices[0]
+        assert result.output.startswith(result.notices[0])
+        after = await sb.run_shell(_PROCESS_COUNT + "; pgrep -c -f 'sleep 931' || true", timeout=10)
+        # Before them, bash may report the background job it lost.
+        count, sleepers = after.output.split()[-2:]
+        assert int(count) < 12
+        assert sleepers == "0"
+        assert after.notices == ()
+
+
+async def check_workspace_over_its_limit_turns_writes_off(h: Harness) -> None:
+    """Over `workspace_bytes`, the next command cannot write files (deleting works) and
+    `write_file` refuses the workspace, until enough is deleted."""
+    limits = replace(h.limits, workspace_bytes=32 << 20, uploads_bytes=16 << 20)
+    async with h.sandbox(limits=limits) as sb:
+        filled = await sb.run_shell(
+            "for i in 1 2 3; do head -c 12M /dev/zero > /workspace/f$i; done; echo filled",
+            timeout=30,
+        )
+        assert filled.output.endswith("filled\n")
+        assert filled.workspace_bytes is not None
+        assert filled.workspace_bytes > 32 << 20
+        assert "over its 32 MiB limit" in filled.notices[0]
+        refused = await sb.run_shell("echo more > /workspace/g || echo refused", timeout=10)
+        assert refused.output.endswith("refused\n")
+        assert refused.shell_restarted
+        with pytest.raises(SandboxPathError, match="over its 32 MiB limit"):
+            await sb.write_file("/workspace/h", b"x")
+        await sb.write_file("/tmp/elsewhere", b"outside the workspace is fine")
+        cleaned = await sb.run_shell("rm /workspace/f1 /workspace/f2; echo gone", timeout=10)
+        assert cleaned.output.endswith("gone\n")
+        assert cleaned.workspace_bytes is not None
+        assert cleaned.workspace_bytes < 32 << 20
+        again = await sb.run_shell("echo more > /workspace/g && cat /workspace/g", timeout=10)
+        assert again.output.endswith("more\n")
+        assert "back under" in again.notices[0]
+        await sb.write_file("/workspace/h", b"x")
+
+
+async def check_a_file_cannot_outgrow_the_workspace_limit(h: Harness) -> None:
+    limits = replace(h.limits, workspace_bytes=32 << 20, uploads_bytes=16 << 20)
+    async with h.sandbox(limits=limits) as sb:
+        result = await sb.run_shell(
+            "fallocate -l 40M /workspace/big; head -c 40M /dev/zero > /workspace/big2; "
+            "stat -c %s /workspace/big2",
+            timeout=30,
+        )
+        assert result.output.count("File too large") == 2, result.output
+        assert result.output.endswith(f"{32 << 20}\n")
+
+
 # ------------------------------------------------------------------------ one-shot and files
 
 
@@ -227,6 +349,22 @@ async def check_exec_runs_one_shot_commands_with_stdin(h: Harness) -> None:
         assert missing.exit_code == 127
         with pytest.raises(SandboxExecError, match="did not finish"):
             await sb.exec(["sleep", "30"], timeout=1)
+
+
+async def check_exec_stream_hands_stdout_over_in_chunks(h: Harness) -> None:
+    async with h.sandbox() as sb:
+        chunks: list[int] = []
+
+        async def sink(chunk: bytes) -> None:
+            assert set(chunk) == {ord("y")}
+            chunks.append(len(chunk))
+
+        result = await sb.exec_stream(
+            ["sh", "-c", "head -c 5000000 /dev/zero | tr '\\0' y; echo oops >&2; exit 4"], sink
+        )
+        assert (result.exit_code, result.stdout, result.stderr) == (4, b"", b"oops\n")
+        assert sum(chunks) == 5_000_000
+        assert len(chunks) > 1
 
 
 async def check_files_round_trip_binary_safe(h: Harness) -> None:
@@ -478,7 +616,14 @@ CONFORMANCE_CHECKS: list[Check] = [
     check_timeout_kills_the_command_but_keeps_the_shell,
     check_cancelling_a_command_kills_its_process_tree,
     check_busy_builtin_loop_is_replaced_by_a_new_shell,
+    check_background_jobs_outlive_their_command,
+    check_timeout_kills_what_the_command_started_even_detached,
+    check_restart_kills_every_process_but_the_sandbox_itself,
+    check_running_out_of_processes_is_cleared_before_the_next_command,
+    check_workspace_over_its_limit_turns_writes_off,
+    check_a_file_cannot_outgrow_the_workspace_limit,
     check_exec_runs_one_shot_commands_with_stdin,
+    check_exec_stream_hands_stdout_over_in_chunks,
     check_files_round_trip_binary_safe,
     check_symlinks_cannot_lead_reads_out_of_the_roots,
     check_uploads_written_as_root_are_read_only_to_the_agent,

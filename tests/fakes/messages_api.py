@@ -297,6 +297,11 @@ class FakeMessagesAPI:
 
     # -- script ---------------------------------------------------------------------------
 
+    def set_default(self, step: Step | None) -> None:
+        """The answer to every request once the scripted steps run out (None: a 500)."""
+        with self._cond:
+            self._default = step
+
     def add(self, *steps: Step) -> None:
         with self._cond:
             self._steps.extend(steps)
@@ -343,7 +348,9 @@ class FakeMessagesAPI:
             raise RuntimeError("FakeMessagesAPI is already started")
         self._stopping.clear()
         # Bound (and listening) before the server starts, so the port is ours with no race.
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only on sockets whose proto says TCP,
+        # and without it every keep-alive reply waits ~40 ms for the client's delayed ACK.
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.bind(("127.0.0.1", 0))
         sock.listen(128)
         config = uvicorn.Config(

@@ -23,7 +23,17 @@ TEST_LABEL = {"managed-agents-mcp.test": "conformance"}
 CASE_LABEL = "managed-agents-mcp.conformance-case"
 BACKENDS = ("docker", "bubblewrap", "bubblewrap-rlimits")
 
-KNOWN_GAPS: dict[tuple[str, str], str] = {}
+_NO_PIDS_GUARD = (
+    "bubblewrap mounts no /sys, so the shell cannot see that the sandbox ran out of processes, "
+    "and entering it to kill them forks inside the full cgroup (or NPROC) in the first place"
+)
+KNOWN_GAPS: dict[tuple[str, str], str] = {
+    (backend, check): reason
+    for backend in ("bubblewrap", "bubblewrap-rlimits")
+    for check, reason in (
+        ("check_running_out_of_processes_is_cleared_before_the_next_command", _NO_PIDS_GUARD),
+    )
+}
 
 
 def _cases() -> Iterator[object]:

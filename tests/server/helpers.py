@@ -37,7 +37,7 @@ async def wait_idle(
     events: list[dict[str, Any]] = []
     with anyio.fail_after(limit):
         while True:
-            args: dict[str, Any] = {"session_id": session_id, "timeout_s": 10}
+            args: dict[str, Any] = {"session_id": session_id, "timeout_s": 10, "detail": "full"}
             if after:
                 args["after"] = after
             answer = await mcp("wait_for_session", args)
@@ -54,7 +54,7 @@ async def wait_for_event(
     after: str | None = None
     with anyio.fail_after(limit):
         while True:
-            args: dict[str, Any] = {"session_id": session_id, "timeout_s": 1}
+            args: dict[str, Any] = {"session_id": session_id, "timeout_s": 1, "detail": "full"}
             if after:
                 args["after"] = after
             answer = await mcp("wait_for_session", args)

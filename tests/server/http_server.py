@@ -6,7 +6,7 @@ import contextlib
 import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import anyio
 import uvicorn
@@ -14,10 +14,13 @@ import uvicorn
 from sandbox.docker import DockerBackend
 from server.app import Services, build_server, open_services
 from server.http import build_http_app
-from server.rest import routes
+from server.rest import end_streams, routes
 from server.settings import Settings
 from tests.conftest import model_for
 from tests.fakes.messages_api import FakeMessagesAPI
+
+if TYPE_CHECKING:
+    from starlette.applications import Starlette
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +41,11 @@ class _Server(uvicorn.Server):
     def capture_signals(self) -> Any:
         yield
 
+    async def shutdown(self, sockets: Any = None) -> None:
+        # As `serve` does: open REST event streams would hold the shutdown up.
+        end_streams(cast("Starlette", self.config.app))
+        await super().shutdown(sockets)
+
 
 @contextlib.asynccontextmanager
 async def http_server(
@@ -45,9 +53,13 @@ async def http_server(
     fake_api: FakeMessagesAPI,
     *,
     token: str | None = "test-token",
+    rest: dict[str, Any] | None = None,
     **http: Any,
 ) -> AsyncIterator[RunningServer]:
-    """The app `serve --transport http` runs, with Docker and the fake model API."""
+    """The app `serve --transport http` runs, with Docker and the fake model API.
+
+    `rest` are options of the REST routes (e.g. `heartbeat_interval`).
+    """
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
@@ -60,7 +72,7 @@ async def http_server(
             app = build_http_app(
                 build_server(settings, services=services),
                 token=token,
-                routes=routes(services),
+                routes=routes(services, **(rest or {})),
                 **http,
             )
             server = _Server(uvicorn.Config(app, log_config=None, lifespan="on"))

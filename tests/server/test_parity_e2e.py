@@ -571,3 +571,44 @@ async def test_a_refusal_ends_the_turn_with_its_stop_reason(
     assert answer["stop_reason"] == {"type": "refusal"}
     assert of_type(events, "agent.message")
     assert of_type(events, "session.usage")
+
+
+# --------------------------------------------------------------------------- runaway caps
+
+
+@pytest.mark.parametrize(
+    ("overrides", "budget", "tool_results"),
+    [
+        ({"max_tool_calls": 3}, "3 tool calls", 3),
+        ({"max_model_requests": 4}, "4 model requests", 4),
+    ],
+)
+async def test_a_runaway_agent_stops_at_its_budget_with_a_clear_reason(
+    open_mcp: OpenMCP,
+    fake_api: FakeMessagesAPI,
+    new_agent: AgentArgs,
+    overrides: dict[str, int],
+    budget: str,
+    tool_results: int,
+) -> None:
+    fake_api.set_default(lambda _body: tool_use("bash", {"command": "true"}))
+    async with open_mcp(**overrides) as mcp:
+        session = await setup_session(mcp, new_agent())
+        await say(mcp, session["id"], "Loop forever.")
+        answer, events = await wait_idle(mcp, session["id"])
+        assert answer["stop_reason"] == {"type": "budget_reached"}
+        [error] = of_type(events, "session.error")
+        assert error["error"]["type"] == "tool_use_limit_reached_error"
+        assert budget in error["error"]["message"]
+        results = of_type(events, "agent.tool_result")
+        ran = [r for r in results if not r.get("is_error")]
+        assert len(ran) == tool_results
+        # every call the model made has an answer, so the next message can continue
+        assert len(results) == len(of_type(events, "agent.tool_use"))
+
+        # the budget is per user message: the next one gets a fresh allowance
+        fake_api.set_default(None)
+        fake_api.add(text("Stopped."))
+        await say(mcp, session["id"], "Please stop now.")
+        answer, _ = await wait_idle(mcp, session["id"], after=answer["next_after"])
+        assert answer["stop_reason"] == {"type": "end_turn"}

@@ -63,7 +63,10 @@ async def test_scripted_bash_conversation_writes_a_file_the_client_can_read(
         assert file == {
             "path": "/workspace/greeting.txt",
             "size": 23,
+            "offset": 0,
             "content": "hello from the sandbox\n",
+            "next_offset": None,
+            "remaining": 0,
         }
         usage = (await mcp("get_session", {"session_id": session["id"]}))["usage"]
         assert usage["input_tokens"] == 20
@@ -161,8 +164,12 @@ async def test_long_output_is_truncated_with_a_marker(
         fake_api.add(tool_use("bash", {"command": "seq 1 300000"}), text("Lots."))
         session = await setup_session(mcp, new_agent())
         await say(mcp, session["id"], "Count.")
-        _, events = await wait_idle(mcp, session["id"])
-        output = of_type(events, "agent.tool_result")[0]["content"][0]["text"]
+        await wait_idle(mcp, session["id"])
+        # Stored events come whole through list_events (wait_for_session clips huge ones).
+        listed = await mcp(
+            "list_events", {"session_id": session["id"], "types": ["agent.tool_result"]}
+        )
+        output = listed["data"][0]["content"][0]["text"]
         assert output.startswith("1\n2\n")
         assert "bytes of output truncated" in output
         assert output.rstrip().endswith("300000")
