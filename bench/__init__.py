@@ -1,0 +1,1 @@
+"""Benchmarks of session start, tool calls, the event path, scale and start-up, beside peers."""
