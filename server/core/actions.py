@@ -7,6 +7,11 @@ from typing import Any
 
 Json = dict[str, Any]
 
+ANSWERS = ("user.tool_confirmation", "user.custom_tool_result")
+ACTION_EVENTS = ("agent.tool_use", "agent.custom_tool_use", "agent.tool_result", *ANSWERS)
+"""The only event types `outstanding_actions` looks at: reading just these keeps a long log
+from being decoded whole."""
+
 
 def outstanding_actions(events: Iterable[Json], *, count_queued: bool = True) -> list[Json]:
     """The `agent.tool_use` (permission `ask`) and `agent.custom_tool_use` events still open.

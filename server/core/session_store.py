@@ -144,13 +144,16 @@ class SessionStore:
         self.bus.notify(session_id)
         return stored
 
-    async def events(self, session_id: str, *, after_position: int = 0) -> list[Json]:
-        """Every event after `after_position`, in log order."""
+    async def events(
+        self, session_id: str, *, after_position: int = 0, types: Sequence[str] = ()
+    ) -> list[Json]:
+        """Every event after `after_position` (only those of `types`, if given), in log order."""
+        only = f" AND type IN ({', '.join('?' for _ in types)})" if types else ""
         rows = await self.db.read(
             lambda c: c.execute(
-                "SELECT processed_at, body FROM events WHERE session_id = ? AND position > ? "
-                "ORDER BY position",
-                (session_id, after_position),
+                "SELECT processed_at, body FROM events WHERE session_id = ? AND position > ?"
+                f"{only} ORDER BY position",
+                (session_id, after_position, *types),
             ).fetchall()
         )
         return [event_from_row(r) for r in rows]

@@ -12,7 +12,7 @@ from typing import Any, Protocol
 
 import anyio
 
-from .actions import outstanding_actions
+from .actions import ACTION_EVENTS, ANSWERS, outstanding_actions
 from .agents import AgentService, normalize_model, normalize_tools
 from .clock import now
 from .environments import EnvironmentService
@@ -112,10 +112,6 @@ class WaitResult:
     """The id of the last event returned (pass it as `after` next time)."""
     done: bool
     """True when the session waits for input (idle or terminated) with nothing queued."""
-
-
-ANSWERS = ("user.tool_confirmation", "user.custom_tool_result")
-ACTION_EVENTS = ("agent.tool_use", "agent.custom_tool_use", "agent.tool_result", *ANSWERS)
 
 
 def _check_client_event(conn: sqlite3.Connection, session_id: str, payloads: list[Json]) -> None:

@@ -18,7 +18,7 @@ from typing import Any, Literal, Protocol
 import anyio
 
 from sandbox.errors import SandboxNotFound
-from server.core.actions import outstanding_actions
+from server.core.actions import ACTION_EVENTS, outstanding_actions
 from server.core.changes import ChangeBus
 from server.core.files import FileService
 from server.core.ids import new_id
@@ -206,7 +206,9 @@ class TurnRunner:
         """Handle the session's queued client events."""
         pending = await self._store.pending(session_id)
         interrupts = [e["id"] for e in pending if e["type"] == "user.interrupt"]
-        waiting = outstanding_actions(await self._store.events(session_id), count_queued=False)
+        waiting = outstanding_actions(
+            await self._store.events(session_id, types=ACTION_EVENTS), count_queued=False
+        )
         if interrupts:
             if waiting:
                 # An interrupt while tool calls wait for the client abandons them.
@@ -280,7 +282,7 @@ class TurnRunner:
                 "crashed": "The tool call was abandoned because the turn failed.",
                 "timed_out": "Stopped: the turn reached its time limit.",
             }[outcome]
-            events = await self._store.events(session_id)
+            events = await self._store.events(session_id, types=ACTION_EVENTS)
             answered = {e.get("tool_use_id") for e in events if e["type"] == "agent.tool_result"}
             answered |= {
                 e.get("custom_tool_use_id")
@@ -405,7 +407,9 @@ class TurnRunner:
 
         A user message sent instead of an answer abandons the calls it leaves open.
         """
-        waiting = outstanding_actions(await self._store.events(session_id), count_queued=False)
+        waiting = outstanding_actions(
+            await self._store.events(session_id, types=ACTION_EVENTS), count_queued=False
+        )
         if not waiting:
             return []
         pending = await self._store.pending(session_id)

@@ -222,7 +222,7 @@ class Supervisor:
             logger.warning("start-up recovery could not finish: %s", exc)
 
     async def _abandon_turn(self, session_id: str) -> None:
-        events = await self._store.events(session_id)
+        events = await self._store.events(session_id, types=("agent.tool_use", "agent.tool_result"))
         answered = {e.get("tool_use_id") for e in events if e["type"] == "agent.tool_result"}
         closing: list[Json] = [
             {
