@@ -8,13 +8,12 @@ from collections.abc import Awaitable, Callable, Iterator
 
 import anyio
 import anyio.abc
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from .store import Database
 
 logger = logging.getLogger(__name__)
 
-PREVIEW_BUFFER = 256
+PreviewListener = Callable[[dict[str, object]], None]
 
 
 class ChangeBus:
@@ -28,31 +27,33 @@ class ChangeBus:
         self._events: dict[str, anyio.Event] = {}
         self._last_seq = 0
         self._deleted: dict[str, dict[str, object]] = {}
-        self._previews: dict[str, set[MemoryObjectSendStream[dict[str, object]]]] = {}
+        self._previews: dict[str, list[PreviewListener]] = {}
 
     @contextlib.contextmanager
-    def previews(self, session_id: str) -> Iterator[MemoryObjectReceiveStream[dict[str, object]]]:
-        """Subscribe to a session's live previews (`event_start` / `event_delta`), best effort.
+    def previews(self, session_id: str, listener: PreviewListener) -> Iterator[None]:
+        """Call `listener` with each of a session's live previews (`event_start` /
+        `event_delta`) while inside, best effort.
 
-        Previews are never stored; a slow subscriber loses some (the full event follows).
+        The call is synchronous, in the publisher's task: a preview is handed over before the
+        publisher goes on to store the event it previews, so no follower can see that event
+        first. `listener` must not block (queue and wake up); previews are never stored.
         """
-        send, receive = anyio.create_memory_object_stream[dict[str, object]](PREVIEW_BUFFER)
-        subscribers = self._previews.setdefault(session_id, set())
-        subscribers.add(send)
+        listeners = self._previews.setdefault(session_id, [])
+        listeners.append(listener)
         try:
-            yield receive
+            yield
         finally:
-            subscribers.discard(send)
-            if not subscribers:
+            listeners.remove(listener)
+            if not listeners:
                 self._previews.pop(session_id, None)
-            send.close()
-            receive.close()
 
     def publish_preview(self, session_id: str, preview: dict[str, object]) -> None:
-        """Hand a preview to this process's subscribers without waiting (drops when full)."""
-        for send in list(self._previews.get(session_id, ())):
-            with contextlib.suppress(anyio.WouldBlock, anyio.BrokenResourceError):
-                send.send_nowait(preview)
+        """Hand a preview to this process's listeners without waiting."""
+        for listener in list(self._previews.get(session_id, ())):
+            try:
+                listener(preview)
+            except Exception:
+                logger.exception("a preview listener of session %s failed", session_id)
 
     def mark_deleted(self, session_id: str, event: dict[str, object]) -> None:
         """Remember a deleted session's final `session.deleted` event and wake its followers."""

@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
-from anyio.streams.memory import MemoryObjectReceiveStream
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
@@ -147,14 +146,12 @@ class EventStream(Response):
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        previews: contextlib.AbstractContextManager[
-            MemoryObjectReceiveStream[dict[str, object]] | None
-        ] = (
-            self._bus.previews(self._session_id)
+        previews: contextlib.AbstractContextManager[None] = (
+            self._bus.previews(self._session_id, self._queue_preview)
             if "agent.message" in self._deltas
             else contextlib.nullcontext()
         )
-        with previews as preview_stream:
+        with previews:
             await send(
                 {
                     "type": "http.response.start",
@@ -170,8 +167,6 @@ class EventStream(Response):
                 group.start_soon(self._end_on_disconnect, receive, group.cancel_scope)
                 group.start_soon(self._end_on_close, group.cancel_scope)
                 await group.start(self._relay_changes)
-                if preview_stream is not None:
-                    group.start_soon(self._relay_previews, preview_stream)
                 try:
                     await self._follow(send)
                 except Exception:
@@ -206,14 +201,15 @@ class EventStream(Response):
             self._changed = True
             self._wake.set()
 
-    async def _relay_previews(self, stream: MemoryObjectReceiveStream[dict[str, object]]) -> None:
-        async for preview in stream:
-            if len(self._previews) >= PREVIEW_QUEUE:
-                # Shed the rest of this message's preview so what went out stays a prefix.
-                self._shed.add(_preview_id(preview))
-                continue
-            self._previews.append(preview)
-            self._wake.set()
+    def _queue_preview(self, preview: dict[str, object]) -> None:
+        """The bus's preview listener: called in the publisher's task, before the previewed
+        event is stored, so `_follow` always has a message's previews before the message."""
+        if len(self._previews) >= PREVIEW_QUEUE:
+            # Shed the rest of this message's preview so what went out stays a prefix.
+            self._shed.add(_preview_id(preview))
+            return
+        self._previews.append(preview)
+        self._wake.set()
 
     # ------------------------------------------------------------------------------- sending
 
@@ -227,6 +223,9 @@ class EventStream(Response):
             if self._changed:
                 self._changed = False
                 events = await store.events(self._session_id, after_position=self._cursor)
+                # Previews that came while the read ran may be of a message it found: they
+                # still go first.
+                await self._send_previews(send)
                 for event in events:
                     self._cursor += 1
                     if event["processed_at"] is None:

@@ -37,7 +37,7 @@ async def test_event_deltas_preview_the_agent_message_before_it_arrives(
     deltas = [e for e in events if e.type == "event_delta"]
     assert [s.event.id for s in starts] == [message.id]
     assert starts[0].event.type == "agent.message"
-    assert len(deltas) >= 2
+    assert len(deltas) >= 2, kinds
     assert {d.event_id for d in deltas} == {message.id}
     assert kinds.index("event_start") < kinds.index("event_delta")
     assert max(i for i, k in enumerate(kinds) if k == "event_delta") < kinds.index("agent.message")
