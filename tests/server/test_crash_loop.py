@@ -143,8 +143,20 @@ async def test_kill_9_at_random_points_loses_nothing_and_never_reruns_a_tool(
             mcp = ToolCaller(client)
             await _check(mcp, home, sessions, acknowledged)
             for session_id in sessions:
-                log = await mcp("read_file", {"session_id": session_id, "path": "log"})
+                events = await _all_events(mcp, session_id)
+                ran = [
+                    e for e in events if e["type"] == "agent.tool_result" and not e.get("is_error")
+                ]
+                read = await client.call_tool(
+                    "read_file", {"session_id": session_id, "path": "log"}
+                )
+                if read.is_error:
+                    # Every turn of this session died before a command wrote the log.
+                    assert not ran, f"{len(ran)} tool calls succeeded but wrote no log"
+                    continue
+                log = read.structured_content or {}
                 lines = [line for line in log["content"].splitlines() if line]
+                assert len(lines) >= len(ran), "a tool call that succeeded is missing from the log"
                 repeated = [t for t, n in Counter(lines).items() if n > 1]
                 assert not repeated, f"tool calls ran twice: {repeated}"
     finally:
